@@ -1,0 +1,212 @@
+"""The experiment configuration: one YAML file, validated with pydantic.
+
+Every section rejects unknown keys, and every error names the valid keys or values, so a typo never runs a
+different experiment than the one written down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Section):
+    name: str = Field(description="a name from `activelab datasets`")
+    root: str | None = Field(None, description="folder holding the files (default: search the usual places)")
+    download: bool = Field(True, description="download when the files are nowhere on disk")
+    classes: list[int] | None = Field(None, description="keep only these classes (relabelled 0..k-1)")
+
+
+class BiasConfig(_Section):
+    """How the biased training pool is drawn from the training split (after the validation split is carved)."""
+
+    kind: Literal["none", "step", "random_classes", "long_tail", "counts"] = "none"
+    ratio: float = Field(1.0, ge=1.0, description="imbalance ratio r (step, random_classes, long_tail)")
+    minority: list[int] | None = Field(None, description="step: the minority classes (default: upper half)")
+    counts: dict[int, int] | None = Field(None, description="counts: images per class")
+    pool_size: int | None = Field(None, ge=1, description="none: subsample the pool to this many images")
+
+    @model_validator(mode="after")
+    def _check(self) -> BiasConfig:
+        if self.kind == "counts" and not self.counts:
+            raise ValueError("bias kind 'counts' needs counts: {class: number, ...}")
+        if self.kind != "counts" and self.counts:
+            raise ValueError(f"counts is only read by bias kind 'counts', not {self.kind!r}")
+        return self
+
+
+class ValidationConfig(_Section):
+    per_class: int = Field(0, ge=0, description="class-balanced validation images carved from train per class")
+
+
+class ModelConfig(_Section):
+    name: Literal["digits_cnn", "lenet", "resnet10", "resnet18"]
+    stem: Literal["cifar", "imagenet"] = "cifar"
+    dropout: bool = Field(True, description="build the MC-dropout layers (off in eval unless MC sampling)")
+
+
+class TrainConfig(_Section):
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.5, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(25, ge=1)
+    epochs: int = Field(50, ge=1, description="epochs per round (the cap when until_train_accuracy is set)")
+    milestones: list[int] = Field(default_factory=list, description="epochs at which lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: int = Field(0, ge=0, description="linear learning-rate warm-up")
+    until_train_accuracy: float | None = Field(None, gt=0, le=1, description="stop once training accuracy >= this")
+    augment: Literal["none", "crop", "crop_flip"] = "none"
+    restart: Literal["warm", "reinit"] = Field("warm", description="warm-start from last round, or re-initialise")
+    select_by: Literal["validation", "last"] = Field("last", description="best validation epoch, or last epoch")
+    eval_batch_size: int = Field(1024, ge=1)
+    # loss-prediction joint training (LPLgrad / LL4AL)
+    loss_weight: float = Field(1.0, ge=0, description="lambda of the loss-prediction loss")
+    loss_margin: float = Field(1.0, ge=0, description="xi of the ranking loss")
+    detach_epoch: int | None = Field(None, ge=0, description="detach the tapped features after this epoch")
+
+    @field_validator("milestones")
+    @classmethod
+    def _sorted(cls, v: list[int]) -> list[int]:
+        if v != sorted(v):
+            raise ValueError("milestones must be increasing")
+        return v
+
+
+class PretrainConfig(_Section):
+    """Rotation self-supervised pretraining of the initial model (FK's theta^0)."""
+
+    epochs: int = Field(8, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.5, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(25, ge=1, description="images per batch (x4 rotated copies)")
+    milestones: list[int] = Field(default_factory=lambda: [3, 6])
+    gamma: float = Field(0.1, gt=0)
+
+
+class LoopConfig(_Section):
+    initial: int = Field(0, ge=0, description="random labeled samples before the first round")
+    budget: int = Field(ge=1, description="labels acquired per round")
+    rounds: int = Field(ge=1, description="acquisition rounds")
+    runs: int = Field(1, ge=1, description="independent runs (pool, split, initial set and weights re-drawn)")
+    seed: int = 0
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="for labels_to_target in reports")
+    query_batch_size: int = Field(512, ge=1, description="batch size of the strategies' model passes")
+
+
+class StrategyConfig(_Section):
+    name: str
+    key: str | None = Field(None, description="the name shown in reports (default: name and parameters)")
+    params: dict[str, Any] = Field(default_factory=dict)
+    init: Literal["random", "rotation"] | None = Field(None, description="override the experiment's init")
+
+    @property
+    def label(self) -> str:
+        if self.key:
+            return self.key
+        if not self.params:
+            return self.name
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.name}[{inner}]"
+
+
+class ExperimentConfig(_Section):
+    name: str
+    description: str = ""
+    dataset: DatasetConfig
+    bias: BiasConfig = BiasConfig()
+    validation: ValidationConfig = ValidationConfig()
+    model: ModelConfig
+    init: Literal["random", "rotation"] = "random"
+    pretrain: PretrainConfig = PretrainConfig()
+    train: TrainConfig = TrainConfig()
+    loop: LoopConfig
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (default: cores / workers)")
+    full_pool_accuracy: float | None = Field(None, description="reference line for plots (measured elsewhere)")
+    strategies: list[StrategyConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_strategies(self) -> ExperimentConfig:
+        from .strategies.base import get_strategy, parse_params
+
+        labels = [s.label for s in self.strategies]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"strategies {dupes} appear twice: give each variant a distinct key")
+        for s in self.strategies:
+            parse_params(get_strategy(s.name), s.params)  # raises with the valid names
+        if self.train.select_by == "validation" and self.validation.per_class == 0:
+            raise ValueError("train.select_by: validation needs validation.per_class > 0")
+        return self
+
+    def fingerprint(self) -> str:
+        """A hash of everything that changes results (the name and description do not)."""
+        data = self.model_dump(mode="json", exclude={"name", "description", "threads"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = _section_for(err["loc"][:-1])
+            valid = ", ".join(parent.model_fields) if parent else "?"
+            msg = f"unknown key; valid keys here: {valid}"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def parse_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping")
+    try:
+        return ExperimentConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+    except ValueError as exc:  # raised by validators outside pydantic's wrapping
+        raise ConfigError(f"invalid config {source}: {exc}") from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    return parse_config(data, str(path))

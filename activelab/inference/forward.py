@@ -1,0 +1,86 @@
+"""Batched forward passes over a dataset, streamed, with the classifier's input captured by a hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..data.arrays import iter_batches
+from .modules import classifier_name, named_module
+
+
+@dataclass
+class ForwardOutputs:
+    logits: np.ndarray  # (N, C) float32
+    embeddings: np.ndarray | None  # (N, d) float32: the classifier's input
+
+
+class eval_mode:
+    """Context manager: the model in eval mode (optionally with dropout left on), restored afterwards."""
+
+    def __init__(self, model: nn.Module, dropout: bool = False) -> None:
+        self.model, self.dropout = model, dropout
+
+    def __enter__(self) -> nn.Module:
+        self.was_training = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        if self.dropout:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.dropout._DropoutNd):
+                    m.train()
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for m, mode in self.was_training.items():
+            m.training = mode
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def forward_pass(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray,
+    batch_size: int = 512,
+    embeddings: bool = False,
+    classifier: str | None = None,
+) -> ForwardOutputs:
+    """Logits (and optionally the classifier's input) for ``dataset[indices]``, in order.
+
+    Memory: the outputs, O(N·(C + d)); the device holds one batch at a time.
+    """
+    device = model_device(model)
+    captured: list[torch.Tensor] = []
+    hook = None
+    if embeddings:
+        layer = named_module(model, classifier_name(model, classifier))
+        hook = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].flatten(1).cpu()))
+    logits = []
+    try:
+        with eval_mode(model):
+            for x, _ in iter_batches(dataset, indices, batch_size):
+                logits.append(model(x.to(device)).float().cpu())
+    finally:
+        if hook is not None:
+            hook.remove()
+    n_classes = logits[0].shape[1] if logits else 0
+    out_logits = torch.cat(logits).numpy() if logits else np.zeros((0, n_classes), np.float32)
+    out_emb = None
+    if embeddings:
+        out_emb = torch.cat(captured).float().numpy() if captured else np.zeros((0, 0), np.float32)
+    return ForwardOutputs(out_logits, out_emb)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

@@ -1,0 +1,49 @@
+"""Reaching model internals by name: taps (layers whose activations a strategy reads) and the classifier."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from ..errors import ActivelabError
+
+
+def named_module(model: nn.Module, name: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if name not in modules:
+        names = [n for n in modules if n]
+        raise ActivelabError(
+            f"the model has no module named {name!r}; its modules are: {', '.join(names[:60])}"
+            + (" ..." if len(names) > 60 else "")
+        )
+    return modules[name]
+
+
+def classifier_name(model: nn.Module, classifier: str | None = None) -> str:
+    """The final linear layer: ``classifier`` if given, the model's ``classifier_name``, else the last Linear."""
+    if classifier is not None:
+        named_module(model, classifier)
+        return classifier
+    declared = getattr(model, "classifier_name", None)
+    if declared:
+        return declared
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ActivelabError("the model has no nn.Linear layer; pass classifier='<module name>'")
+    return linears[-1]
+
+
+def tap_names(model: nn.Module, taps: Sequence[str] | None = None, strategy: str = "this strategy") -> list[str]:
+    """The tapped layers: ``taps`` if given, else the model's ``default_taps``; an error names the options."""
+    if taps is None:
+        taps = getattr(model, "default_taps", None)
+    if not taps:
+        names = [n for n, _ in model.named_modules() if n]
+        raise ActivelabError(
+            f"{strategy} reads intermediate activations: pass taps=[...] with module names of your model, "
+            f"e.g. some of: {', '.join(names[:30])}"
+        )
+    for name in taps:
+        named_module(model, name)
+    return list(taps)

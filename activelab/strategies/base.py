@@ -1,0 +1,118 @@
+"""The strategy contract and registry.
+
+A strategy is a class with a name, a pydantic ``Params`` model (unknown parameters are an error) and a
+``query`` method. ``query`` asks the :class:`~activelab.inference.context.QueryContext` for the model outputs it
+needs (the context computes each once, batched, on the chosen device) and hands the arrays to a pure function
+of arrays plus an explicit ``numpy.random.Generator``. It returns positions into ``ctx.candidates``.
+
+Class attributes the engine reads:
+- ``needs_validation``: ``select`` refuses to run without a validation set.
+- ``reads_pool_labels``: only oracle ablations may set it; the context refuses pool labels otherwise.
+- ``training``: which trainer the experiment runner must use for this strategy (``"standard"`` or another name
+  registered in :mod:`activelab.train`).
+- ``first_round_random``: with no labels yet, draw the first batch at random (uncertainty baselines).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import ActivelabError
+
+if TYPE_CHECKING:
+    from ..inference.context import QueryContext
+
+
+class StrategyParams(BaseModel):
+    """Base of every strategy's parameters: unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Strategy:
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+    needs_validation: ClassVar[bool] = False
+    reads_pool_labels: ClassVar[bool] = False
+    training: ClassVar[str] = "standard"
+    first_round_random: ClassVar[bool] = False
+    #: Cheap parameters for the contract test and examples (e.g. few MC samples).
+    example_params: ClassVar[dict] = {}
+
+    def __init__(self, **params) -> None:
+        self.params = parse_params(type(self), params)
+
+    def query(self, ctx: QueryContext, budget: int, rng: np.random.Generator) -> np.ndarray:
+        """Return ``budget`` distinct positions into ``ctx.candidates``."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+_LOADED = False
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: add a strategy to the registry under ``cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"strategy name {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    """Import every module of the strategies package so that each registers its strategies."""
+    global _LOADED
+    if _LOADED:
+        return
+    from .. import strategies
+
+    for module in pkgutil.iter_modules(strategies.__path__):
+        if not module.name.startswith("_") and module.name != "base":
+            importlib.import_module(f"{strategies.__name__}.{module.name}")
+    _LOADED = True
+
+
+def available_strategies() -> list[str]:
+    """Names accepted by :func:`activelab.select` and by experiment configs, sorted."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ActivelabError(
+            f"unknown strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def parse_params(cls: type[Strategy], params: dict) -> StrategyParams:
+    try:
+        return cls.Params(**params)
+    except ValidationError as exc:
+        valid = ", ".join(cls.Params.model_fields) or "(none)"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ActivelabError(
+            f"bad parameters for strategy {cls.name!r}: {problems}. Valid parameters: {valid}"
+        ) from None
+
+
+def top_scores(scores: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of the ``budget`` highest scores; ties broken by a seeded random permutation."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.all(np.isfinite(scores)):
+        raise ActivelabError("a strategy produced non-finite scores; the model's outputs contain NaN or inf")
+    tie_break = rng.permutation(len(scores))
+    order = np.lexsort((tie_break, -scores))
+    return order[:budget].astype(np.int64)

@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny convolutional model with taps, and tiny in-memory pools."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from activelab.data.arrays import ArrayDataset
+
+torch.set_num_threads(1)
+
+
+class TinyNet(nn.Module):
+    """Two conv taps, a hidden linear tap, dropout, and a classifier: every strategy can run on it."""
+
+    default_taps = ["conv1", "conv2", "fc1"]
+    classifier_name = "fc2"
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 4, size: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.drop = nn.Dropout(0.25)
+        self.fc1 = nn.Linear(6 * (size // 2) ** 2, 12)
+        self.fc2 = nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = self.drop(x.flatten(1))
+        x = torch.relu(self.fc1(x))
+        return self.fc2(self.drop(x))
+
+
+def make_pool(n: int = 60, num_classes: int = 4, size: int = 8, seed: int = 0) -> ArrayDataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % num_classes
+    x = torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8)
+    # make classes separable-ish so trained models are not degenerate
+    x[:, :, 0, :] = (y.view(-1, 1, 1) * 60).to(torch.uint8)
+    return ArrayDataset(x, y, mean=[0.5], std=[0.25])
+
+
+@pytest.fixture
+def tiny_model() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+@pytest.fixture
+def tiny_pool() -> ArrayDataset:
+    return make_pool()
+
+
+@pytest.fixture
+def tiny_validation() -> ArrayDataset:
+    return make_pool(n=24, seed=1)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
