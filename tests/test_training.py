@@ -126,28 +126,39 @@ def _flip_problem(n: int = 40):
     return ArrayDataset(x, 1 - val_y), ArrayDataset(x, val_y)
 
 
-def _flip_model() -> nn.Module:
+def _threshold_model(threshold: float) -> nn.Module:
+    """Logistic regression on x0 (4 pixels, only the first read): class 1 iff x0 > threshold."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
-    with torch.no_grad():  # starts right on validation: class 1 iff x0 > 0
+    with torch.no_grad():
         model[1].weight.zero_()
-        model[1].bias.zero_()
         model[1].weight[1, 0], model[1].weight[0, 0] = 1.0, -1.0
+        model[1].bias[0], model[1].bias[1] = threshold, -threshold
     return model
 
 
+def _flip_model() -> nn.Module:
+    return _threshold_model(0.0)  # starts right on the validation set of _flip_problem
+
+
 def test_select_by_validation_restores_best_epoch():
-    train, val = _flip_problem()
-    cfg = TrainConfig(epochs=8, lr=0.3, momentum=0.0, batch_size=10, select_by="validation")
-    model = _flip_model()
-    result = fit(model, train, cfg, validation=(val, np.arange(len(val))))
+    """The boundary moves from x0 = 0.8 towards the training threshold -0.5, past the validation one (0):
+    validation accuracy rises, peaks mid-training, then falls."""
+    n = 40
+    x = torch.randn(n, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * 0.1
+    x0 = torch.linspace(-1, 1, n)
+    x[:, 0, 0, 0] = x0
+    train, val = ArrayDataset(x, (x0 > -0.5).long()), ArrayDataset(x, (x0 > 0).long())
+    cfg = TrainConfig(epochs=12, lr=0.1, momentum=0.0, batch_size=10, select_by="validation")
+    model = _threshold_model(0.8)
+    result = fit(model, train, cfg, validation=(val, np.arange(n)))
     accs = [h["val_accuracy"] for h in result.history]
-    assert accs[-1] < max(accs)  # training made validation worse: selection matters here
     best = int(np.argmax(accs))  # first maximum
-    assert result.selected_epoch == best + 1 and result.val_accuracy == max(accs)
-    assert accuracy(model, val, np.arange(len(val))) == max(accs)
+    assert 0 < best < len(accs) - 1 and accs[-1] < accs[best] and accs[0] < accs[best]
+    assert result.selected_epoch == best + 1 and result.val_accuracy == max(accs) and result.epochs == 12
+    assert accuracy(model, val, np.arange(n)) == max(accs)
     assert result.eval_seconds > 0
     # the restored weights are exactly those after `best + 1` epochs of the same run
-    again = _flip_model()
+    again = _threshold_model(0.8)
     last = fit(again, train, cfg.model_copy(update={"epochs": best + 1, "select_by": "last"}))
     assert last.selected_epoch == best + 1
     for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
