@@ -79,6 +79,7 @@ class Source:
     subdirs: tuple[str, ...] = ("",)  # where inside a found folder the files may sit
     remotes: tuple[Remote, ...] = ()
     files_note: str = ""  # shown after the expected file names, e.g. "(plain files work too)"
+    no_download: str = ""  # why a dataset without remotes cannot be downloaded
 
     # --- to define in subclasses -------------------------------------------------------------------------
     def files(self, split: Split) -> list[str]:
@@ -126,11 +127,16 @@ class Source:
             if not download:
                 raise self.not_found(split, root, "Downloading is disabled (download: false).")
             if not self.remotes:
-                raise self.not_found(split, root, f"{self.name} cannot be downloaded automatically.")
+                raise self.not_found(
+                    split, root, f"{self.name} cannot be downloaded automatically. {self.no_download}"
+                )
             target = self.download_dir(root)
+            created = not target.exists()
             try:
                 self.download(split, target)
             except Exception as exc:  # noqa: BLE001 - any failure becomes one actionable message
+                if created and target.is_dir() and not any(target.iterdir()):
+                    target.rmdir()  # leave no empty folder behind
                 raise self.not_found(split, root, f"Downloading into {target} failed: {exc}") from exc
             folder = next(
                 (target / s if s else target for s in self.subdirs if self.has_split(target / s, split)), None
@@ -448,6 +454,7 @@ def _imagenet_folder_class():
 class ImageNetSource(Source):
     name = "imagenet"
     folders = ("imagenet", "ILSVRC2012")
+    no_download = "ILSVRC-2012 needs registration at https://image-net.org; get it there."
     files_note = (
         "(one folder per class, e.g. train/n01440764/*.JPEG; val/ sorted into the same class folders)"
     )
