@@ -347,16 +347,16 @@ class SvhnSource(Source):
     def read(self, folder: Path, split: Split) -> ArrayDataset:
         import scipy.io
 
-        mats = [scipy.io.loadmat(folder / f, variable_names=["X", "y"]) for f in self.files(split)]
-        total = sum(m["X"].shape[3] for m in mats)
-        x = np.empty((total, 3, 32, 32), dtype=np.uint8)  # filled in place: svhn_full is 1.9 GB
+        paths = [folder / f for f in self.files(split)]
+        sizes = [{name: shape for name, shape, _ in scipy.io.whosmat(p)}["X"][3] for p in paths]
+        x = np.empty((sum(sizes), 3, 32, 32), dtype=np.uint8)  # filled file by file: svhn_full is 1.9 GB
         ys, start = [], 0
-        for m in mats:
-            n = m["X"].shape[3]
-            x[start : start + n] = np.transpose(m["X"], (3, 2, 0, 1))
-            ys.append(np.asarray(m["y"], dtype=np.int64).reshape(-1) % 10)  # label 10 means digit 0
+        for path, n in zip(paths, sizes, strict=True):
+            mat = scipy.io.loadmat(path, variable_names=["X", "y"])
+            x[start : start + n] = np.transpose(mat["X"], (3, 2, 0, 1))
+            ys.append(np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10)  # label 10 means digit 0
             start += n
-        del mats
+            del mat
         return ArrayDataset(
             torch.from_numpy(x), np.concatenate(ys), self.mean, self.std, _digit_names(), self.name
         )
