@@ -1,0 +1,162 @@
+"""Per-sample gradients of the predictive entropy with respect to the weights, batched with ``torch.func``.
+
+The score of AL-GradNorm (Wang et al., AAAI 2022) and LPLgrad (2024): for each sample x, with the model in
+eval mode and no augmentation, H(x) = -sum_c p(c|x) log p(c|x), and the score is a norm of dH/dtheta. The
+authors' code looped over the pool one sample at a time (a forward and a backward pass per sample); here
+``vmap(grad(H))`` computes a chunk of per-sample gradients in one batched pass, and only their norms are kept.
+
+Memory: one chunk of per-sample gradients, O(chunk x P) for P weights (``chunk_size=None`` picks the chunk
+from a memory budget), plus the (N,) scores.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import Dataset
+
+from ..data.arrays import iter_batches
+from ..errors import ActivelabError
+from .forward import eval_mode, model_device
+from .modules import classifier_name
+
+GradNorm = Literal["per_tensor_sum", "global", "last_layer"]
+NORMS: tuple[str, ...] = ("per_tensor_sum", "global", "last_layer")
+
+#: Parameters under these module prefixes are not part of the backbone (the loss-prediction head).
+AUXILIARY_PREFIXES: tuple[str, ...] = ("loss_module.",)
+
+#: Budget for one chunk of per-sample gradients when ``chunk_size`` is not given.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def backbone_parameters(
+    model: nn.Module, exclude: tuple[str, ...] = AUXILIARY_PREFIXES
+) -> dict[str, torch.Tensor]:
+    """The model's trainable parameters by name, without auxiliary heads (e.g. ``loss_module``)."""
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if p.requires_grad and not any(name.startswith(prefix) for prefix in exclude)
+    }
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of softmax(logits) along the last dimension (0 log 0 = 0 handled by log_softmax)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def reduce_norms(per_tensor: torch.Tensor, norm: GradNorm) -> torch.Tensor:
+    """Combine (B, T) per-tensor L2 norms into (B,) scores: a sum of norms, or the global L2 norm."""
+    if norm == "global":
+        return per_tensor.pow(2).sum(dim=1).sqrt()
+    return per_tensor.sum(dim=1)
+
+
+def _grad_names(model: nn.Module, norm: GradNorm, classifier: str | None) -> list[str]:
+    params = backbone_parameters(model)
+    if norm == "last_layer":
+        prefix = classifier_name(model, classifier) + "."
+        names = [n for n in params if n.startswith(prefix)]
+        if not names:
+            raise ActivelabError(f"the classifier {prefix[:-1]!r} has no trainable parameters")
+        return names
+    if not params:
+        raise ActivelabError("the model has no trainable parameters to take entropy gradients of")
+    return list(params)
+
+
+def auto_chunk_size(model: nn.Module, names: list[str], budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Samples per vmapped chunk so that the chunk's per-sample gradients fit in ``budget_bytes``."""
+    params = dict(model.named_parameters())
+    per_sample = sum(params[n].numel() * params[n].element_size() for n in names)
+    # gradients, plus about as much again for the vmapped backward's intermediates
+    return int(max(1, min(256, budget_bytes // max(1, 2 * per_sample))))
+
+
+def entropy_gradient_norms(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray,
+    *,
+    norm: GradNorm = "per_tensor_sum",
+    chunk_size: int | None = None,
+    classifier: str | None = None,
+) -> np.ndarray:
+    """Norm of dH(x)/dtheta for every ``dataset[indices]``, in order, as float64 (N,).
+
+    Args:
+        model: returns logits; used in eval mode (dropout off, BatchNorm running statistics).
+        dataset: a torch Dataset of ``(x, y)``; labels are not read.
+        indices: which samples.
+        norm: ``"per_tensor_sum"`` (sum over the backbone's parameter tensors of per-tensor L2 norms:
+            the paper's score), ``"global"`` (one L2 norm over all backbone parameters) or ``"last_layer"``
+            (L2 norm over the classifier's weight and bias together).
+        chunk_size: samples per vmapped batch (None: chosen from a 256 MiB budget for the gradients).
+        classifier: the classifier's module name for ``"last_layer"`` (default: the model's own).
+
+    Parameters of ``model.loss_module`` (the loss-prediction head) are never part of theta.
+    Complexity: about the cost of one forward and one backward pass per sample, batched by ``chunk_size``.
+    """
+    if norm not in NORMS:
+        raise ActivelabError(f"unknown gradient norm {norm!r}; choose one of {', '.join(NORMS)}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ActivelabError(f"chunk_size must be a positive integer; got {chunk_size}")
+    indices = np.asarray(indices, dtype=np.int64)
+    names = _grad_names(model, norm, classifier)
+    chunk = chunk_size or auto_chunk_size(model, names)
+    device = model_device(model)
+
+    with eval_mode(model):
+        all_params = {n: p.detach() for n, p in model.named_parameters() if not n.startswith("loss_module.")}
+        grad_params = {n: all_params.pop(n) for n in names}
+        buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+        def sample_entropy(theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            logits = functional_call(model, (theta, all_params, buffers), (x.unsqueeze(0),))
+            return entropy(logits)[0]
+
+        per_sample_grad = vmap(grad(sample_entropy), in_dims=(None, 0))
+        scores = []
+        for x, _ in iter_batches(dataset, indices, chunk):
+            grads = per_sample_grad(grad_params, x.to(device))
+            per_tensor = torch.stack([grads[n].flatten(1).norm(dim=1) for n in names], dim=1)
+            scores.append(reduce_norms(per_tensor.double(), norm).cpu())
+            del grads
+    return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float64)
+
+
+def entropy_gradient_norms_loop(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray,
+    *,
+    norm: GradNorm = "per_tensor_sum",
+    classifier: str | None = None,
+) -> np.ndarray:
+    """The same scores one sample at a time with ``torch.autograd.grad`` (the authors' way).
+
+    Slow by design: the independent reference for tests and benchmarks.
+    """
+    if norm not in NORMS:
+        raise ActivelabError(f"unknown gradient norm {norm!r}; choose one of {', '.join(NORMS)}")
+    indices = np.asarray(indices, dtype=np.int64)
+    names = _grad_names(model, norm, classifier)
+    params = dict(model.named_parameters())
+    theta = [params[n] for n in names]
+    device = model_device(model)
+    scores = []
+    with eval_mode(model):
+        for x, _ in iter_batches(dataset, indices, 1):
+            h = entropy(model(x.to(device)))[0]
+            grads = torch.autograd.grad(h, theta, allow_unused=True)
+            norms = torch.stack(
+                [g.norm() if g is not None else torch.zeros((), device=device) for g in grads]
+            )
+            scores.append(reduce_norms(norms.double().unsqueeze(0), norm).cpu())
+    return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float64)
