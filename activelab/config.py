@@ -104,6 +104,9 @@ class LoopConfig(_Section):
     seed: int = 0
     target_accuracy: float | None = Field(None, gt=0, le=1, description="for labels_to_target in reports")
     query_batch_size: int = Field(512, ge=1, description="batch size of the strategies' model passes")
+    keep_checkpoints: Literal["all", "last"] = Field(
+        "all", description="keep every round's model (for confusion matrices / t-SNE) or only the last"
+    )
 
 
 class StrategyConfig(_Section):
@@ -154,7 +157,10 @@ class ExperimentConfig(_Section):
 
     def fingerprint(self) -> str:
         """A hash of everything that changes results (the name and description do not)."""
-        data = self.model_dump(mode="json", exclude={"name", "description", "threads"})
+        data = self.model_dump(
+            mode="json",
+            exclude={"name": True, "description": True, "threads": True, "loop": {"keep_checkpoints"}},
+        )
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

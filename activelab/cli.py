@@ -1,0 +1,142 @@
+"""The ``activelab`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import ActivelabError
+
+
+class _Group(click.Group):
+    """Print user errors (bad config, missing data, ...) as one clear message, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ActivelabError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="activelab")
+def main() -> None:
+    """activelab: deep active learning experiments and selection on PyTorch."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="experiment directory (default runs/<config name>)")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="parallel local processes")
+@click.option("--runs", "runs", metavar="A:B", help="only runs A..B-1 (0-based), e.g. 0:3")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--ray-address", default=None, help="Ray cluster address (with --executor ray)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def run(config, out, workers, runs, executor, ray_address, quiet) -> None:
+    """Run the experiment of CONFIG (a YAML file); resume it if its directory exists."""
+    from .experiment.executors import RayExecutor
+    from .experiment.runner import run_experiment
+
+    ex = RayExecutor(ray_address) if executor == "ray" else None
+    outcome = run_experiment(config, out, workers=workers, runs=runs, executor=ex, progress=not quiet)
+    click.echo(
+        f"{outcome.exp_dir}: {len(outcome.done)} job(s) finished, {len(outcome.skipped)} already complete, "
+        f"{len(outcome.failed)} failed"
+    )
+    for (run_, key), err in sorted(outcome.failed.items()):
+        click.echo(f"FAILED run {run_} {key}:\n{err}", err=True)
+    if outcome.failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("exp_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the machine-readable report")
+@click.option("--target", type=float, default=None, help="target accuracy (0-1) for labels-to-target")
+def report(exp_dir, as_json, target) -> None:
+    """Print the summary table of an experiment directory."""
+    from .experiment.runner import load_experiment
+    from .report.summary import report_json, report_text, summarize
+
+    cfg, store = load_experiment(exp_dir)
+    summaries = summarize(cfg, store, target)
+    store.close()
+    if as_json:
+        click.echo(json.dumps(report_json(cfg, summaries), indent=2))
+    else:
+        click.echo(report_text(cfg, summaries))
+
+
+@main.command()
+@click.argument("exp_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="figure folder (default EXP_DIR/figures)")
+@click.option("--strategies", help="comma-separated strategy keys (default: all)")
+@click.option("--target", type=float, default=None, help="annotate labels saved at this accuracy (0-1)")
+@click.option("--highlight", default=None, help="the strategy whose label savings are annotated")
+@click.option("--reference", type=float, default=None, help="whole-pool accuracy line (0-1)")
+@click.option("--confusion", "confusion_round", type=int, default=None, help="confusion matrices at ROUND")
+@click.option("--tsne", "tsne_round", type=int, default=None, help="t-SNE of the test set at ROUND")
+@click.option("--run", "run_", type=int, default=0, show_default=True, help="run for --confusion/--tsne")
+@click.option("--tsne-space", type=click.Choice(["features", "pixels"]), default="features", show_default=True)
+@click.option("--tsne-samples", type=int, default=2000, show_default=True, help="test samples in the t-SNE")
+def plot(
+    exp_dir,
+    out,
+    strategies,
+    target,
+    highlight,
+    reference,
+    confusion_round,
+    tsne_round,
+    run_,
+    tsne_space,
+    tsne_samples,
+) -> None:
+    """Draw the learning curves (and optionally confusion matrices / t-SNE) of an experiment directory."""
+    from .report.figures import draw_figures
+
+    files = draw_figures(
+        exp_dir,
+        out=out,
+        strategies=strategies.split(",") if strategies else None,
+        target=target,
+        highlight=highlight,
+        reference=reference,
+        confusion_round=confusion_round,
+        tsne_round=tsne_round,
+        run=run_,
+        tsne_space=tsne_space,
+        tsne_samples=tsne_samples,
+    )
+    for f in files:
+        click.echo(str(f))
+
+
+@main.command()
+def datasets() -> None:
+    """List the datasets and whether each is available on this machine."""
+    from .data.sources import dataset_status
+
+    for row in dataset_status():
+        mark = "yes" if row["available"] else "no "
+        where = row.get("location") or row.get("note") or ""
+        click.echo(f"{row['name']:<14} {mark}  {where}")
+
+
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="experiment directory (default runs/<config name>)")
+@click.option("--runs", "runs", metavar="A:B", help="only runs A..B-1 (0-based)")
+def pretrain(config, out, runs) -> None:
+    """Make the initial models (random and rotation-pretrained) of every run ahead of `activelab run`."""
+    from .experiment.pretrain import pretrain_initial_models
+
+    for path in pretrain_initial_models(config, out, runs):
+        click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""End to end: run, resume after SIGKILL, refuse a changed config, report failures, report and plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from activelab.cli import main
+from activelab.experiment.runner import load_experiment, run_experiment
+from activelab.strategies.base import Strategy, register
+
+TINY = {
+    "name": "tiny",
+    "dataset": {"name": "digits"},
+    "bias": {"kind": "step", "ratio": 5},
+    "validation": {"per_class": 5},
+    "model": {"name": "digits_cnn"},
+    "train": {"optimizer": "adam", "lr": 0.003, "batch_size": 32, "epochs": 3, "select_by": "validation"},
+    "loop": {"initial": 10, "budget": 10, "rounds": 3, "runs": 2, "seed": 7, "target_accuracy": 0.3},
+    "threads": 1,
+    "strategies": [{"name": "random"}, {"name": "entropy"}],
+}
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def snapshot(exp_dir: Path) -> dict:
+    """Everything a run produced that must not depend on interruptions: rounds and final weights."""
+    cfg, store = load_experiment(exp_dir)
+    out = {}
+    for rec in store.rounds():
+        key = (rec.run, rec.strategy, rec.round)
+        out[key] = (
+            rec.n_labeled,
+            rec.accuracy,
+            rec.selected.tolist(),
+            rec.test_predictions.tolist(),
+            rec.labeled_per_class,
+        )
+    store.close()
+    for p in sorted((exp_dir / "models").rglob("round*.pt")):
+        out[str(p.relative_to(exp_dir))] = [v.numpy().tolist() for v in torch.load(p).values()]
+    return out
+
+
+def test_run_report_plot_end_to_end(tmp_path):
+    cfg_path = write_config(tmp_path / "tiny.yaml", TINY)
+    outcome = run_experiment(cfg_path, tmp_path / "exp", progress=False)
+    assert not outcome.failed and len(outcome.done) == 4
+    cfg, store = load_experiment(tmp_path / "exp")
+    recs = store.rounds()
+    assert len(recs) == 2 * 2 * 4  # runs x strategies x (round 0 + 3 rounds)
+    for rec in recs:
+        assert rec.n_labeled == 10 + 10 * rec.round
+        assert sum(rec.labeled_per_class) == rec.n_labeled
+        assert 0 <= rec.accuracy <= 1
+    # every strategy of a run starts from the same initial labeled set
+    r0 = {r.strategy: r.selected.tolist() for r in recs if r.run == 0 and r.round == 0}
+    assert r0["random"] == r0["entropy"]
+    runs = store.runs()
+    assert runs[0]["minority"] == [5, 6, 7, 8, 9]
+    assert not set(runs[0]["pool_indices"]) & set(runs[0]["validation_indices"])
+    store.close()
+
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "exp"), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["experiment"] == "tiny"
+    for key in ("random", "entropy"):
+        s = rep["strategies"][key]
+        for field in (
+            "labels",
+            "accuracy_mean",
+            "accuracy_std",
+            "balanced_accuracy_mean",
+            "minority_recall_mean",
+            "select_seconds_mean",
+            "aubc",
+            "runs",
+            "labels_to_target",
+        ):
+            assert field in s
+        assert s["labels"] == [10, 20, 30, 40] and s["runs"] == 2
+        acc = [r.accuracy for r in recs if r.strategy == key and r.round == 2]
+        assert s["accuracy_mean"][2] == pytest.approx(np.mean(acc))
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "exp")])
+    assert res.exit_code == 0 and "AUBC" in res.output and "entropy" in res.output
+    res = CliRunner().invoke(main, ["plot", str(tmp_path / "exp"), "--confusion", "2"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "exp/figures/learning_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "exp/figures/learning_curves.pdf").exists()
+    # a second run of a finished experiment does nothing
+    again = run_experiment(cfg_path, tmp_path / "exp", progress=False)
+    assert not again.done and len(again.skipped) == 4
+
+
+def test_changed_config_is_refused(tmp_path):
+    cfg = {**TINY, "loop": {**TINY["loop"], "rounds": 1, "runs": 1}, "strategies": [{"name": "random"}]}
+    run_experiment(write_config(tmp_path / "a.yaml", cfg), tmp_path / "exp", progress=False)
+    changed = {**cfg, "train": {**cfg["train"], "lr": 0.01}}
+    res = CliRunner().invoke(
+        main,
+        ["run", str(write_config(tmp_path / "b.yaml", changed)), "--out", str(tmp_path / "exp"), "--quiet"],
+    )
+    assert res.exit_code == 2
+    assert "different config" in res.output and "train.lr: 0.003 (stored) vs 0.01 (given)" in res.output
+
+
+@register
+class _FailsInRound2(Strategy):
+    """Test-only strategy: raises in its second selection."""
+
+    name = "_test_fails_round2"
+
+    def query(self, ctx, budget, rng):
+        if len(ctx.labeled) >= 20:
+            raise RuntimeError("deliberate failure")
+        return rng.choice(len(ctx.candidates), budget, replace=False)
+
+
+def test_failed_run_is_reported_not_zero(tmp_path):
+    cfg = {
+        **TINY,
+        "loop": {**TINY["loop"], "runs": 1},
+        "strategies": [{"name": "random"}, {"name": "_test_fails_round2"}],
+    }
+    outcome = run_experiment(write_config(tmp_path / "f.yaml", cfg), tmp_path / "exp", progress=False)
+    assert list(outcome.failed) == [(0, "_test_fails_round2")]
+    assert "deliberate failure" in outcome.failed[(0, "_test_fails_round2")]
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "exp"), "--json"])
+    s = json.loads(res.output)["strategies"]["_test_fails_round2"]
+    assert s["runs"] == 0 and "0" in s["failed_runs"] and "deliberate failure" in s["failed_runs"]["0"]
+    assert s["accuracy_mean"][2] is None and s["accuracy_mean"][3] is None  # missing, never zero
+    assert s["accuracy_mean"][1] is not None
+    text = CliRunner().invoke(main, ["report", str(tmp_path / "exp")]).output
+    assert "run 0 FAILED: RuntimeError: deliberate failure" in text and "missing" in text
+
+
+def _rounds_done(exp_dir: Path) -> int:
+    try:
+        with sqlite3.connect(exp_dir / "results.sqlite", timeout=30) as c:
+            return c.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_identical_results(tmp_path):
+    cfg_path = write_config(tmp_path / "tiny.yaml", TINY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "activelab.cli", "run", str(cfg_path), "--quiet", "--out"]
+    subprocess.run([*cmd, str(tmp_path / "ref")], check=True, env=env, capture_output=True)
+
+    kills = 0
+    target_total = 16
+    exp = tmp_path / "killed"
+    for stop_at in (3, 9):  # kill twice, at different points
+        proc = subprocess.Popen([*cmd, str(exp)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while _rounds_done(exp) < stop_at and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1 and _rounds_done(exp) < target_total
+    subprocess.run([*cmd, str(exp)], check=True, env=env, capture_output=True)
+    assert _rounds_done(exp) == target_total
+    assert snapshot(exp) == snapshot(tmp_path / "ref")
+
+
+def test_parallel_workers_match_sequential(tmp_path):
+    cfg = {**TINY, "loop": {**TINY["loop"], "rounds": 2}}
+    cfg_path = write_config(tmp_path / "tiny.yaml", cfg)
+    run_experiment(cfg_path, tmp_path / "seq", progress=False)
+    out = run_experiment(cfg_path, tmp_path / "par", workers=2, progress=False)
+    assert not out.failed
+    assert snapshot(tmp_path / "seq") == snapshot(tmp_path / "par")
+
+
+def test_runs_option_selects_runs(tmp_path):
+    cfg_path = write_config(tmp_path / "tiny.yaml", {**TINY, "loop": {**TINY["loop"], "rounds": 1}})
+    out = run_experiment(cfg_path, tmp_path / "exp", runs="1:2", progress=False)
+    assert sorted(out.done) == [(1, "entropy"), (1, "random")]
+    res = CliRunner().invoke(main, ["run", str(cfg_path), "--out", str(tmp_path / "exp"), "--runs", "0:9"])
+    assert res.exit_code == 2 and "outside the config's 2 runs" in res.output
