@@ -72,9 +72,7 @@ class Descriptors:
 def pool_activation(act: torch.Tensor) -> torch.Tensor:
     """Global average over every dimension after the channel dimension: (B, C, ...) -> (B, C)."""
     if act.ndim < 2:
-        raise ActivelabError(
-            f"a tapped activation must have a batch and a channel dimension; got {act.shape}"
-        )
+        raise ActivelabError(f"a tapped activation must have a batch and a channel dimension; got {act.shape}")
     return act if act.ndim == 2 else act.flatten(2).mean(dim=2)
 
 
@@ -92,13 +90,9 @@ class _Taps:
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
             if not isinstance(output, torch.Tensor):
-                raise ActivelabError(
-                    f"tap {name!r} returns {type(output).__name__}, not a tensor; tap another layer"
-                )
+                raise ActivelabError(f"tap {name!r} returns {type(output).__name__}, not a tensor; tap another layer")
             if name in self.acts:
-                raise ActivelabError(
-                    f"tap {name!r} is called twice in one forward pass; tap a layer used once"
-                )
+                raise ActivelabError(f"tap {name!r} is called twice in one forward pass; tap a layer used once")
             self.acts[name] = output
 
         return hook
@@ -106,9 +100,7 @@ class _Taps:
     def take(self) -> list[torch.Tensor]:
         missing = [n for n in self.names if n not in self.acts]
         if missing:
-            raise ActivelabError(
-                f"taps {missing} were not run by the model's forward pass; choose other taps"
-            )
+            raise ActivelabError(f"taps {missing} were not run by the model's forward pass; choose other taps")
         acts = [self.acts[n] for n in self.names]
         self.acts = {}
         return acts
@@ -128,9 +120,7 @@ class _Taps:
 def _resolve_labels(spec: LabelSpec, state: BatchState, device: torch.device) -> torch.Tensor:
     if isinstance(spec, str):
         if spec != "argmax":
-            raise ActivelabError(
-                f"unknown label set {spec!r}; use 'argmax', an array of labels, or a function"
-            )
+            raise ActivelabError(f"unknown label set {spec!r}; use 'argmax', an array of labels, or a function")
         return state.logits.argmax(dim=1)
     if callable(spec):
         labels = spec(state)
@@ -163,9 +153,7 @@ def compute_descriptors(
     labels = dict(labels or {})
     for name, spec in labels.items():
         if not (isinstance(spec, str) or callable(spec)) and len(np.asarray(spec)) != len(indices):
-            raise ActivelabError(
-                f"label set {name!r} has {len(np.asarray(spec))} labels for {len(indices)} samples"
-            )
+            raise ActivelabError(f"label set {name!r} has {len(np.asarray(spec))} labels for {len(indices)} samples")
     device = model_device(model)
     zs: list[torch.Tensor] = []
     logit_list: list[torch.Tensor] = []
@@ -226,9 +214,7 @@ def perturb(x: torch.Tensor, angles: torch.Tensor, noise: torch.Tensor) -> torch
 
 def _logdet_ridge(cov: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    return (
-        torch.linalg.cholesky_ex(cov + ridge[..., None] * eye)[0].diagonal(dim1=-2, dim2=-1).log().sum(-1) * 2
-    )
+    return torch.linalg.cholesky_ex(cov + ridge[..., None, None] * eye)[0].diagonal(dim1=-2, dim2=-1).log().sum(-1) * 2
 
 
 def gaussian_mutual_information(z: torch.Tensor, g: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
@@ -236,15 +222,18 @@ def gaussian_mutual_information(z: torch.Tensor, g: torch.Tensor, ridge: float =
 
     Args:
         z: (..., K, L) features of K perturbed copies.
-        g: (..., K, L') Fisher scores of the same copies.
+        g: (..., K, L') Fisher scores of the same copies (leading dimensions broadcast with z's).
         ridge: each covariance block gets ``ridge * (mean variance of the block) + 1e-12`` added to its
             diagonal, the same on the marginal and the joint, so the result is finite and >= 0.
 
     Returns: (...,) in nats x 2 (the 1/2 factor of the Gaussian MI is dropped; argmax is unchanged).
     Time O(K·(L + L')² + (L + L')³) per sample.
     """
-    z = z.double() - z.double().mean(dim=-2, keepdim=True)
-    g = g.double() - g.double().mean(dim=-2, keepdim=True)
+    lead = torch.broadcast_shapes(z.shape[:-1], g.shape[:-1])
+    z = z.double().expand(*lead, z.shape[-1])
+    g = g.double().expand(*lead, g.shape[-1])
+    z = z - z.mean(dim=-2, keepdim=True)
+    g = g - g.mean(dim=-2, keepdim=True)
     k = z.shape[-2]
     joint = torch.cat([z, g], dim=-1)
     cov = joint.transpose(-1, -2) @ joint / max(k - 1, 1)
@@ -252,9 +241,7 @@ def gaussian_mutual_information(z: torch.Tensor, g: torch.Tensor, ridge: float =
     czz, cgg = cov[..., :lz, :lz], cov[..., lz:, lz:]
     rz = ridge * czz.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-12
     rg = ridge * cgg.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-12
-    ridge_joint = torch.cat(
-        [rz[..., None].expand(*rz.shape, lz), rg[..., None].expand(*rg.shape, g.shape[-1])], dim=-1
-    )
+    ridge_joint = torch.cat([rz[..., None].expand(*rz.shape, lz), rg[..., None].expand(*rg.shape, g.shape[-1])], dim=-1)
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
     ld_joint = torch.linalg.cholesky_ex(cov + ridge_joint[..., None] * eye)[0]
     ld_joint = ld_joint.diagonal(dim1=-2, dim2=-1).log().sum(-1) * 2

@@ -325,11 +325,7 @@ class FisherKernel(Strategy):
 
         def compute():
             dataset, idx = ctx.dataset("validation")
-            spec = (
-                labels
-                if labels is not None
-                else {"est": self._perturbed_labels(ctx, "validation", taps, rng)}
-            )
+            spec = labels if labels is not None else {"est": self._perturbed_labels(ctx, "validation", taps, rng)}
             return compute_descriptors(ctx.model, dataset, idx, taps, spec, ctx.batch_size)
 
         key = ("fk_descriptors", "validation", tuple(taps), est, self._perturb_key(est))
@@ -358,11 +354,7 @@ class FisherKernel(Strategy):
 
         def compute():
             dataset, idx = ctx.dataset("candidates")
-            spec = (
-                labels
-                if labels is not None
-                else {"est": self._perturbed_labels(ctx, "candidates", taps, rng)}
-            )
+            spec = labels if labels is not None else {"est": self._perturbed_labels(ctx, "candidates", taps, rng)}
             return compute_descriptors(ctx.model, dataset, idx, taps, spec, ctx.batch_size)
 
         key = ("fk_descriptors", "candidates", tuple(taps), est, self._perturb_key(est))

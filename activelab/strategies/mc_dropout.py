@@ -98,9 +98,7 @@ class VariationRatio(_MCStrategy):
 
 @register
 class BALD(_MCStrategy):
-    __doc__ = "BALD (Houlsby et al. 2011; Gal et al. 2017): H(mean p) - mean H(p).\n\n" + (
-        _MCStrategy.__doc__ or ""
-    )
+    __doc__ = "BALD (Houlsby et al. 2011; Gal et al. 2017): H(mean p) - mean H(p).\n\n" + (_MCStrategy.__doc__ or "")
     name = "bald"
     score = staticmethod(bald)
 

@@ -17,6 +17,8 @@ class VAALParams(StrategyParams):
     beta: float = Field(1.0, ge=0, description="weight of the KL term")
     adversary_weight: float = Field(1.0, ge=0, description="lambda of the VAE's adversarial loss")
     latent_dim: int = Field(32, ge=1)
+    width: int = Field(32, ge=1, description="channels of the VAE's first conv (doubling per stride-2 block)")
+    hidden: int = Field(512, ge=1, description="width of the discriminator's two hidden layers")
     vae_steps: int = Field(2, ge=1)
     adversary_steps: int = Field(2, ge=1)
 
@@ -39,7 +41,7 @@ class VAAL(Strategy):
     name = "vaal"
     Params = VAALParams
     first_round_random = True
-    example_params = {"iterations": 2, "batch_size": 8}
+    example_params = {"iterations": 2, "batch_size": 8, "width": 8, "hidden": 16}
 
     def query(self, ctx, budget, rng):
         p: VAALParams = self.params
@@ -54,8 +56,8 @@ class VAAL(Strategy):
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(rng.integers(2**31 - 1)))
-            vae = VAE(x0.shape[0], x0.shape[-1], p.latent_dim).to(device)
-            disc = Discriminator(p.latent_dim).to(device)
+            vae = VAE(x0.shape[0], x0.shape[-1], p.latent_dim, p.width).to(device)
+            disc = Discriminator(p.latent_dim, p.hidden).to(device)
             stats = train_vaal(
                 vae, disc, pool, labeled, candidates, rng,
                 iterations=p.iterations, batch_size=p.batch_size, lr=p.lr, beta=p.beta,

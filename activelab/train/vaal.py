@@ -65,9 +65,7 @@ class VAE(nn.Module):
         ch, size = self.bottom
         out = self.decoder(self.expand(z).view(-1, ch, size, size))
         if out.shape[-1] != self.image_size or out.shape[-2] != self.image_size:
-            out = F.interpolate(
-                out, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-            )
+            out = F.interpolate(out, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return out
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,9 +91,7 @@ class Discriminator(nn.Module):
         return self.net(z).squeeze(1)
 
 
-def vae_loss(
-    x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float
-) -> torch.Tensor:
+def vae_loss(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float) -> torch.Tensor:
     """MSE reconstruction + beta x KL(q(z|x) || N(0, I)) (KL summed over latents, averaged over the batch)."""
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1).mean()
     return F.mse_loss(recon, x) + beta * kl
