@@ -1,0 +1,297 @@
+"""Fisher information of a classifier's weights, per sample and per class, batched with ``torch.func``.
+
+Used by FisherMask (FISH-mask parameter selection, Sung et al. 2021, + BAIT batch selection, Ash et al. 2021)
+and BAIT:
+
+- :func:`diagonal_fisher`: F_j = sum_{x in S} sum_c p(c|x) (d log p(c|x) / d theta_j)^2 on a sample S.
+- :func:`fisher_mask`: the FISH mask, K = floor(pct * P) entries chosen by index.
+- :func:`masked_fisher_embeddings`: V_x in R^{C x K}, row c = sqrt(p(c|x)) d log p(c|x) / d theta_mask.
+- :func:`masked_fisher_gram`: sum_x V_x^T V_x streamed over a set, never storing the V_x.
+- :func:`last_layer_fisher_embeddings`: BAIT's closed form for the classifier weight from one forward pass.
+
+Per-sample, per-class gradients come from ``vmap(jacrev(log_softmax o model))`` over a chunk of samples: one
+batched pass computes the (chunk, C, P) Jacobian that a per-sample loop would need chunk x C backward passes
+for. The model is in eval mode (BatchNorm uses its running statistics, dropout is off).
+
+Memory: one chunk's Jacobian, chunk x C x P_wrt floats, where P_wrt counts the parameter tensors that hold
+masked entries (``chunk_size=None`` picks the chunk from a 256 MiB budget); the embeddings themselves are
+N x C x K float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+from torch.utils.data import Dataset
+
+from ..data.arrays import iter_batches
+from ..errors import ActivelabError
+from .forward import eval_mode, model_device
+
+Weighting = Literal["sqrt_p", "none"]
+WEIGHTINGS: tuple[str, ...] = ("sqrt_p", "none")
+
+#: Budget for one chunk of per-sample, per-class gradients when ``chunk_size`` is not given.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+# -- per-sample, per-class log-probability Jacobians -----------------------------------------------------------
+def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's trainable parameters by name, in ``named_parameters`` order."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def num_classes_of(model: nn.Module, classifier_weight: str) -> int:
+    """C, read from the classifier weight's first dimension (``nn.Linear`` stores (out, in))."""
+    params = dict(model.named_parameters())
+    if classifier_weight not in params:
+        raise ActivelabError(
+            f"the model has no parameter {classifier_weight!r}; pass classifier='<name of the final nn.Linear>'"
+        )
+    return int(params[classifier_weight].shape[0])
+
+
+def auto_chunk(
+    model: nn.Module, names: Sequence[str], num_classes: int, budget_bytes: int = DEFAULT_CHUNK_BYTES
+) -> int:
+    """Samples per vmapped chunk so that a chunk's (chunk, C, P_wrt) Jacobian (x3 for intermediates) fits."""
+    params = dict(model.named_parameters())
+    per_sample = num_classes * sum(params[n].numel() * params[n].element_size() for n in names)
+    return int(max(1, min(256, budget_bytes // max(1, 3 * per_sample))))
+
+
+def _jacobian_fn(model: nn.Module, names: Sequence[str]):
+    """(params_wrt, f) where f(params_wrt, x) = (Jacobians {name: (B, C, *shape)}, log p (B, C))."""
+    params = trainable_parameters(model)
+    wrt = {n: params[n].detach() for n in names}
+    const = {n: p.detach() for n, p in model.named_parameters() if n not in wrt}
+    const.update({n: b.detach() for n, b in model.named_buffers()})
+
+    def log_probs(w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = functional_call(model, {**const, **w}, (x.unsqueeze(0),))
+        lp = torch.log_softmax(out.float(), dim=-1).squeeze(0)
+        return lp, lp.detach()
+
+    return wrt, vmap(jacrev(log_probs, has_aux=True), in_dims=(None, 0))
+
+
+def iter_log_prob_jacobians(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray,
+    names: Sequence[str],
+    chunk_size: int | None = None,
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Yield, chunk by chunk in the order of ``indices``, ``({name: d log p / d theta, (B, C, *shape)}, p (B, C))``.
+
+    ``names`` are the parameter tensors to differentiate (others are held constant).
+    """
+    names = list(names)
+    if not names:
+        raise ActivelabError("no parameters to differentiate")
+    device = model_device(model)
+    with eval_mode(model):
+        if chunk_size is None:
+            out_features = None
+            for module in reversed(list(model.modules())):
+                if isinstance(module, nn.Linear):
+                    out_features = module.out_features
+                    break
+            chunk_size = auto_chunk(model, names, out_features or 10)
+        wrt, jac_fn = _jacobian_fn(model, names)
+        for x, _ in iter_batches(dataset, np.asarray(indices, dtype=np.int64), chunk_size):
+            jac, logp = jac_fn(wrt, x.to(device))
+            yield jac, logp.exp()
+
+
+# -- diagonal Fisher and the FISH mask -------------------------------------------------------------------------
+def diagonal_fisher(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray,
+    chunk_size: int | None = None,
+    names: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """F_j = sum_{x in indices} sum_c p(c|x) (d log p(c|x) / d theta_j)^2, per parameter tensor (float64, CPU).
+
+    The expectation over classes is exact (every class weighted by the model's own p), so no label is read.
+    Time: one vmapped Jacobian per chunk, i.e. about C backward passes per sample. Memory: one chunk's Jacobian.
+    """
+    names = list(names) if names is not None else list(trainable_parameters(model))
+    params = trainable_parameters(model)
+    total = {n: torch.zeros(params[n].shape, dtype=torch.float64) for n in names}
+    for jac, p in iter_log_prob_jacobians(model, dataset, indices, names, chunk_size):
+        p64 = p.double()
+        for n in names:
+            g = jac[n].double().flatten(2)  # (B, C, numel)
+            total[n] += torch.einsum("bc,bcj->j", p64, g * g).view(total[n].shape).cpu()
+    return total
+
+
+@dataclass(frozen=True)
+class FisherMask:
+    """The masked parameter entries: for each parameter tensor (model order), sorted flat indices into it.
+
+    The columns of a Fisher embedding follow this order: tensor by tensor, ascending flat index.
+    """
+
+    names: tuple[str, ...]
+    indices: tuple[torch.Tensor, ...]  # int64, sorted, per name
+    classifier_weight: str
+    last_layer_only: (
+        bool  # K <= |classifier weight|: the mask is the whole classifier weight and nothing else
+    )
+
+    @property
+    def size(self) -> int:
+        return int(sum(len(i) for i in self.indices))
+
+    def counts(self) -> dict[str, int]:
+        return {n: int(len(i)) for n, i in zip(self.names, self.indices, strict=True)}
+
+
+def mask_size(num_params: int, pct: float) -> int:
+    """K = floor(pct * P)."""
+    return int(np.floor(pct * num_params))
+
+
+def fisher_mask(fisher: Mapping[str, torch.Tensor], classifier_weight: str, pct: float) -> FisherMask:
+    """The FISH mask for FisherMask: K = floor(pct * P) entries, P = the number of entries of ``fisher``.
+
+    The whole classifier weight (``classifier_weight``) is always in the mask; the remaining
+    K - |W_last| slots go to the largest Fisher values of all other tensors, ranked globally on their
+    concatenation (in ``fisher``'s order) and chosen **by index**: a stable descending sort, so ties go to the
+    lower concatenated index (the authors' code matched values, which misaligns on ties). If
+    K <= |W_last| the mask is just the classifier weight (``last_layer_only``), so K is then |W_last|.
+    """
+    if classifier_weight not in fisher:
+        raise ActivelabError(
+            f"the classifier weight {classifier_weight!r} is not among the Fisher's parameters"
+        )
+    if not 0.0 < pct <= 1.0:
+        raise ActivelabError(f"pct must lie in (0, 1]; got {pct}")
+    names = list(fisher)
+    sizes = [fisher[n].numel() for n in names]
+    k = mask_size(sum(sizes), pct)
+    n_last = fisher[classifier_weight].numel()
+    others = [n for n in names if n != classifier_weight]
+    chosen: dict[str, torch.Tensor] = {n: torch.zeros(0, dtype=torch.int64) for n in names}
+    chosen[classifier_weight] = torch.arange(n_last, dtype=torch.int64)
+    extra = k - n_last
+    if extra > 0 and others:
+        flat = torch.cat([fisher[n].detach().reshape(-1).double().cpu() for n in others]).numpy()
+        if not np.all(np.isfinite(flat)):
+            raise ActivelabError(
+                "the diagonal Fisher has NaN or inf entries: the model's outputs are not finite"
+            )
+        order = np.argsort(-flat, kind="stable")[:extra]
+        offsets = np.cumsum([0] + [fisher[n].numel() for n in others])
+        owner = np.searchsorted(offsets, order, side="right") - 1
+        for t, n in enumerate(others):
+            local = order[owner == t] - offsets[t]
+            chosen[n] = torch.as_tensor(np.sort(local), dtype=torch.int64)
+    kept = [n for n in names if len(chosen[n])]
+    return FisherMask(
+        tuple(kept), tuple(chosen[n] for n in kept), classifier_weight, last_layer_only=extra <= 0
+    )
+
+
+# -- Fisher embeddings on the mask -----------------------------------------------------------------------------
+def _check_weighting(weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise ActivelabError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
+
+
+def iter_masked_fisher_embeddings(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray,
+    mask: FisherMask,
+    weighting: Weighting = "sqrt_p",
+    chunk_size: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield chunks (B, C, K) float32 of Fisher embeddings, in the order of ``indices``.
+
+    Row c of V_x is sqrt(p(c|x)) * d log p(c|x) / d theta_mask (``weighting="sqrt_p"``, BAIT's weighting, so
+    that V_x^T V_x is x's Fisher information on the mask), or the bare gradient (``"none"``: the FisherMask
+    authors' rows, kept to reproduce them).
+    """
+    _check_weighting(weighting)
+    names = list(mask.names)
+    for jac, p in iter_log_prob_jacobians(model, dataset, indices, names, chunk_size):
+        cols = [
+            jac[n].flatten(2)[:, :, idx.to(jac[n].device)] for n, idx in zip(names, mask.indices, strict=True)
+        ]
+        v = torch.cat(cols, dim=2)
+        if weighting == "sqrt_p":
+            v = v * p.sqrt().unsqueeze(2)
+        yield v.float().cpu()
+
+
+def masked_fisher_embeddings(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray,
+    mask: FisherMask,
+    weighting: Weighting = "sqrt_p",
+    chunk_size: int | None = None,
+) -> np.ndarray:
+    """Fisher embeddings (N, C, K) float32 of ``dataset[indices]`` on ``mask``; see
+    :func:`iter_masked_fisher_embeddings`. Memory: the output, N x C x K floats, plus one chunk's Jacobian."""
+    chunks = [
+        c.numpy() for c in iter_masked_fisher_embeddings(model, dataset, indices, mask, weighting, chunk_size)
+    ]
+    if not chunks:
+        raise ActivelabError("no samples to embed")
+    return np.concatenate(chunks, axis=0)
+
+
+def masked_fisher_gram(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray,
+    mask: FisherMask,
+    weighting: Weighting = "sqrt_p",
+    chunk_size: int | None = None,
+) -> np.ndarray:
+    """sum over ``indices`` of V_x^T V_x, (K, K) float64, streamed (the V_x are never stored together)."""
+    gram = np.zeros((mask.size, mask.size), dtype=np.float64)
+    for v in iter_masked_fisher_embeddings(model, dataset, indices, mask, weighting, chunk_size):
+        rows = v.double().reshape(-1, mask.size).numpy()
+        gram += rows.T @ rows
+    return gram
+
+
+def last_layer_fisher_embeddings(
+    probs: np.ndarray,
+    features: np.ndarray,
+    weighting: Weighting = "sqrt_p",
+    include_bias: bool = False,
+    dtype: np.dtype = np.float32,
+) -> np.ndarray:
+    """BAIT's Fisher embeddings on the classifier's weight, in closed form: (N, C, C*d [+ C]).
+
+    For logits z = W h + b: d log p(c|x) / d W = (e_c - p) h^T, so row c is sqrt(p_c) (e_c - p) (x) h, flattened
+    like ``W`` ((C, d) row-major). ``include_bias`` appends d log p(c|x) / d b = e_c - p (BAIT's code leaves the
+    bias out). ``probs`` (N, C) and ``features`` h (N, d, the classifier's input) come from one forward pass.
+    Time and memory O(N C^2 d).
+    """
+    _check_weighting(weighting)
+    probs = np.asarray(probs, dtype=np.float64)
+    h = np.asarray(features, dtype=np.float64)
+    n, c = probs.shape
+    if h.shape[0] != n:
+        raise ActivelabError(f"probs has {n} rows but features has {h.shape[0]}")
+    a = np.eye(c)[None, :, :] - probs[:, None, :]  # (N, C rows, C outputs): e_c - p
+    if weighting == "sqrt_p":
+        a = a * np.sqrt(probs)[:, :, None]
+    v = (a[:, :, :, None] * h[:, None, None, :]).reshape(n, c, -1)
+    if include_bias:
+        v = np.concatenate([v, a], axis=2)
+    return v.astype(dtype, copy=False)

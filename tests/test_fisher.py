@@ -1,0 +1,170 @@
+"""Fisher information on the weights: diagonal Fisher, FISH mask, masked and closed-form Fisher embeddings.
+
+Every batched quantity is checked against a per-sample, per-class autograd loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from activelab.errors import ActivelabError
+from activelab.inference.fisher import (
+    FisherMask,
+    diagonal_fisher,
+    fisher_mask,
+    last_layer_fisher_embeddings,
+    mask_size,
+    masked_fisher_embeddings,
+    masked_fisher_gram,
+)
+from activelab.inference.forward import forward_pass
+
+from .conftest import TinyNet, make_pool
+
+
+def _model() -> TinyNet:
+    torch.manual_seed(0)
+    model = TinyNet()
+    with torch.no_grad():  # larger logits so that p is far from uniform and the sqrt(p) weighting matters
+        model.fc2.weight.mul_(4.0)
+    return model.eval()
+
+
+def _loop_grads(model: TinyNet, pool, indices: np.ndarray):
+    """Per-sample, per-class d log p(c|x) / d theta by autograd, one backward pass at a time.
+
+    Returns ({name: (N, C, *shape)}, p (N, C)) as float64."""
+    params = dict(model.named_parameters())
+    out = {n: [] for n in params}
+    probs = []
+    for i in indices:
+        x, _ = pool.batch(np.asarray([i]))
+        lp = torch.log_softmax(model(x), dim=1)[0]
+        probs.append(lp.exp().detach().double())
+        per_class = {n: [] for n in params}
+        for c in range(len(lp)):
+            grads = torch.autograd.grad(lp[c], list(params.values()), retain_graph=True)
+            for n, g in zip(params, grads, strict=True):
+                per_class[n].append(g.double())
+        for n in params:
+            out[n].append(torch.stack(per_class[n]))
+    return {n: torch.stack(v) for n, v in out.items()}, torch.stack(probs)
+
+
+def test_diagonal_fisher_matches_a_loop():
+    model, pool = _model(), make_pool(n=12)
+    idx = np.array([7, 2, 11, 0, 5])
+    fisher = diagonal_fisher(model, pool, idx, chunk_size=2)
+    grads, p = _loop_grads(model, pool, idx)
+    for name, g in grads.items():
+        expected = torch.einsum("nc,nc...->...", p, g * g)
+        torch.testing.assert_close(fisher[name], expected, rtol=1e-5, atol=1e-9)
+    assert list(fisher) == [n for n, _ in model.named_parameters()]
+
+
+def _hand_mask(model: TinyNet) -> FisherMask:
+    """A mask over three tensors, with unsorted picks in the middle of each."""
+    return FisherMask(
+        names=("conv1.weight", "fc1.bias", "fc2.weight"),
+        indices=(torch.tensor([3, 17, 30]), torch.tensor([0, 5, 11]), torch.arange(model.fc2.weight.numel())),
+        classifier_weight="fc2.weight",
+        last_layer_only=False,
+    )
+
+
+@pytest.mark.parametrize("weighting", ["sqrt_p", "none"])
+def test_masked_fisher_embeddings_match_a_loop(weighting):
+    model, pool = _model(), make_pool(n=12)
+    idx = np.array([4, 9, 1, 10])
+    mask = _hand_mask(model)
+    v = masked_fisher_embeddings(model, pool, idx, mask, weighting, chunk_size=3)
+    grads, p = _loop_grads(model, pool, idx)
+    cols = [grads[n].flatten(2)[:, :, i] for n, i in zip(mask.names, mask.indices, strict=True)]
+    expected = torch.cat(cols, dim=2)
+    if weighting == "sqrt_p":
+        expected = expected * p.sqrt().unsqueeze(2)
+    assert v.shape == (4, 4, mask.size) and v.dtype == np.float32
+    np.testing.assert_allclose(v, expected.numpy(), rtol=1e-4, atol=1e-6)
+    # V_x^T V_x summed over the set is the Gram that masked_fisher_gram streams
+    gram = masked_fisher_gram(model, pool, idx, mask, weighting, chunk_size=3)
+    rows = expected.reshape(-1, mask.size).numpy()
+    np.testing.assert_allclose(gram, rows.T @ rows, rtol=1e-4, atol=1e-7)
+
+
+def test_sqrt_p_weighted_embeddings_give_the_diagonal_fisher():
+    """With the mask = every entry, the diagonal of sum_x V_x^T V_x is the diagonal Fisher."""
+    model, pool = _model(), make_pool(n=12)
+    idx = np.arange(6)
+    fisher = diagonal_fisher(model, pool, idx)
+    names = tuple(n for n, _ in model.named_parameters())
+    params = dict(model.named_parameters())
+    mask = FisherMask(names, tuple(torch.arange(params[n].numel()) for n in names), "fc2.weight", False)
+    v = masked_fisher_embeddings(model, pool, idx, mask).astype(np.float64)
+    diag = np.einsum("nck,nck->k", v, v)
+    np.testing.assert_allclose(diag, torch.cat([fisher[n].flatten() for n in names]).numpy(), rtol=1e-4, atol=1e-9)
+
+
+def test_mask_is_last_layer_plus_top_entries_by_index():
+    fisher = {
+        "a.weight": torch.tensor([[1.0, 9.0, 3.0], [9.0, 0.5, 7.0]]),  # flat: 1 9 3 9 0.5 7
+        "a.bias": torch.tensor([7.0, 9.0]),
+        "fc.weight": torch.tensor([[0.0, 0.0], [0.0, 0.0]]),  # last layer: always in, whatever its values
+        "fc.bias": torch.tensor([100.0, 7.0]),
+    }
+    # P = 14; pct 0.5 -> K = 7 = 4 (fc.weight) + 3 others. Global ranking of the others, concatenated in order
+    # [a.weight(6), a.bias(2), fc.bias(2)]: 100 (fc.bias 0), then the three 9s at concatenated 1, 3, 7:
+    # only two slots remain, so ties go to the lower indices 1 and 3 (a.weight), not a.bias[1].
+    mask = fisher_mask(fisher, "fc.weight", 0.5)
+    assert mask.size == 7 and not mask.last_layer_only
+    got = mask.counts()
+    assert got == {"a.weight": 2, "fc.weight": 4, "fc.bias": 1}
+    by_name = dict(zip(mask.names, [i.tolist() for i in mask.indices], strict=True))
+    assert by_name == {"a.weight": [1, 3], "fc.weight": [0, 1, 2, 3], "fc.bias": [0]}
+    assert mask.names == ("a.weight", "fc.weight", "fc.bias")  # model order, only tensors with picks
+
+    # one more slot: the next 9 (a.bias[1]) comes before the 7s
+    wider = fisher_mask(fisher, "fc.weight", 0.58)  # K = floor(8.12) = 8
+    assert wider.size == 8 and wider.counts()["a.bias"] == 1
+    assert wider.indices[wider.names.index("a.bias")].tolist() == [1]
+    # K = floor(pct P)
+    assert mask_size(14, 0.5) == 7 and mask_size(14, 0.49) == 6
+
+
+def test_mask_smaller_than_the_last_layer_is_the_last_layer():
+    fisher = {"a.weight": torch.arange(20.0), "fc.weight": torch.ones(3, 4), "fc.bias": torch.ones(3)}
+    mask = fisher_mask(fisher, "fc.weight", 0.2)  # K = floor(0.2 * 35) = 7 < 12
+    assert mask.last_layer_only and mask.names == ("fc.weight",) and mask.size == 12
+    assert mask.indices[0].tolist() == list(range(12))
+
+
+def test_mask_errors():
+    fisher = {"a.weight": torch.ones(3), "fc.weight": torch.ones(2)}
+    with pytest.raises(ActivelabError, match="classifier weight"):
+        fisher_mask(fisher, "nope.weight", 0.5)
+    with pytest.raises(ActivelabError, match="pct"):
+        fisher_mask(fisher, "fc.weight", 0.0)
+    with pytest.raises(ActivelabError, match="NaN"):
+        fisher_mask({"a.weight": torch.tensor([1.0, float("nan"), 2.0]), "fc.weight": torch.ones(1)}, "fc.weight", 1.0)
+
+
+@pytest.mark.parametrize("weighting", ["sqrt_p", "none"])
+@pytest.mark.parametrize("include_bias", [False, True])
+def test_closed_form_last_layer_embeddings_equal_autograd(weighting, include_bias):
+    model, pool = _model(), make_pool(n=12)
+    idx = np.array([3, 8, 0, 6, 11])
+    out = forward_pass(model, pool, idx, embeddings=True)
+    probs = torch.softmax(torch.as_tensor(out.logits, dtype=torch.float64), 1).numpy()
+    v = last_layer_fisher_embeddings(probs, out.embeddings, weighting, include_bias, dtype=np.float64)
+    names = ("fc2.weight", "fc2.bias") if include_bias else ("fc2.weight",)
+    params = dict(model.named_parameters())
+    mask = FisherMask(names, tuple(torch.arange(params[n].numel()) for n in names), "fc2.weight", True)
+    expected = masked_fisher_embeddings(model, pool, idx, mask, weighting)
+    assert v.shape == expected.shape == (5, 4, 4 * 12 + (4 if include_bias else 0))
+    np.testing.assert_allclose(v, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_weighting_is_an_error():
+    with pytest.raises(ActivelabError, match="weighting"):
+        last_layer_fisher_embeddings(np.full((2, 2), 0.5), np.ones((2, 3)), weighting="p")
