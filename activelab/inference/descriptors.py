@@ -155,10 +155,11 @@ def compute_descriptors(
         if not (isinstance(spec, str) or callable(spec)) and len(np.asarray(spec)) != len(indices):
             raise ActivelabError(f"label set {name!r} has {len(np.asarray(spec))} labels for {len(indices)} samples")
     device = model_device(model)
-    zs: list[torch.Tensor] = []
-    logit_list: list[torch.Tensor] = []
-    gs: dict[str, list[torch.Tensor]] = {name: [] for name in labels}
-    used: dict[str, list[torch.Tensor]] = {name: [] for name in labels}
+    n = len(indices)
+    # outputs are allocated once, after the first batch tells their widths (no per-batch pieces to join)
+    z_out = logits_out = None
+    g_out: dict[str, np.ndarray] = {}
+    s_out = {name: np.empty(n, np.int64) for name in labels}
     sizes: list[int] | None = None
     start = 0
     with eval_mode(model), _Taps(model, taps) as hooks, torch.set_grad_enabled(bool(labels)):
@@ -171,32 +172,29 @@ def compute_descriptors(
             z = torch.cat([pool_activation(a.detach()).float() for a in acts], dim=1)
             if sizes is None:
                 sizes = [pool_activation(a).shape[1] for a in acts]
+                z_out = np.empty((n, z.shape[1]), np.float32)
+                logits_out = np.empty((n, logits.shape[1]), np.float32)
+                g_out = {name: np.empty((n, z.shape[1]), np.float32) for name in labels}
+            rows = slice(start, start + len(x))
             state = BatchState(np.arange(start, start + len(x)), z, logits.detach())
             for i, (name, spec) in enumerate(labels.items()):
                 s = _resolve_labels(spec, state, device)
                 loss = F.cross_entropy(logits, s, reduction="sum")
                 grads = torch.autograd.grad(loss, acts, retain_graph=i < len(labels) - 1, allow_unused=True)
                 pooled = [
-                    torch.zeros(len(x), n, device=device) if gr is None else pool_activation(gr).float()
-                    for gr, n in zip(grads, sizes, strict=True)
+                    torch.zeros(len(x), w, device=device) if gr is None else pool_activation(gr).float()
+                    for gr, w in zip(grads, sizes, strict=True)
                 ]
                 state.g[name] = torch.cat(pooled, dim=1)
-                gs[name].append(state.g[name].cpu())
-                used[name].append(s.cpu())
-            zs.append(z.cpu())
-            logit_list.append(logits.detach().cpu())
+                g_out[name][rows] = state.g[name].cpu().numpy()
+                s_out[name][rows] = s.cpu().numpy()
+            z_out[rows] = z.cpu().numpy()
+            logits_out[rows] = logits.detach().cpu().numpy()
             start += len(x)
     if sizes is None:
         raise ActivelabError("no samples to describe: the index list is empty")
     segments = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    return Descriptors(
-        z=torch.cat(zs).numpy(),
-        g={k: torch.cat(v).numpy() for k, v in gs.items()},
-        labels={k: torch.cat(v).numpy().astype(np.int64) for k, v in used.items()},
-        logits=torch.cat(logit_list).numpy(),
-        segments=segments,
-        taps=list(taps),
-    )
+    return Descriptors(z=z_out, g=g_out, labels=s_out, logits=logits_out, segments=segments, taps=list(taps))
 
 
 # -- perturbation-based estimators ---------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def mc_statistics(
     passes: int,
     seed: int,
     batch_size: int = 512,
-    max_rows: int = 8192,
+    max_rows: int = 2048,
 ) -> MCStatistics:
     """Stream ``passes`` MC-dropout predictions of every model in ``models`` over ``dataset[indices]``.
 
