@@ -52,8 +52,9 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_norms(per_tensor: torch.Tensor, norm: GradNorm) -> torch.Tensor:
-    """Combine (B, T) per-tensor L2 norms into (B,) scores: a sum of norms, or the global L2 norm."""
-    if norm == "global":
+    """Combine (B, T) per-tensor L2 norms into (B,) scores: the sum of the norms ("per_tensor_sum"), or the
+    L2 norm of all the tensors together ("global", and "last_layer" over the classifier's tensors)."""
+    if norm in ("global", "last_layer"):
         return per_tensor.pow(2).sum(dim=1).sqrt()
     return per_tensor.sum(dim=1)
 

@@ -63,8 +63,8 @@ def kcenter_greedy(
         budget: centres to pick (<= N).
         rng: used only when there is no labeled sample.
 
-    Ties in the farthest distance go to the lowest position. Chosen candidates have distance 0 and are never
-    picked again, so the positions are distinct.
+    Ties in the farthest distance go to the lowest position. Chosen candidates are marked (distance -1) and
+    never picked again, so the positions are distinct even when the pool holds duplicates.
     Complexity: O((N·L + N·budget)·d) time; O(N) memory besides the embeddings (no N x N or N x L matrix).
     """
     x = torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
@@ -87,14 +87,14 @@ def kcenter_greedy(
         first = int(rng.integers(n))
         chosen[0] = first
         dist = (x_sq + x_sq[first] - 2 * (x @ x[first])).clamp_(min=0)
-        dist[first] = 0.0
+        dist[first] = -1.0
         start = 1
     for k in range(start, budget):
         pick = int(torch.argmax(dist))
         chosen[k] = pick
         d_new = (x_sq + x_sq[pick] - 2 * (x @ x[pick])).clamp_(min=0)
         torch.minimum(dist, d_new, out=dist)
-        dist[pick] = 0.0
+        dist[pick] = -1.0
     return chosen
 
 

@@ -1,0 +1,173 @@
+"""Entropy-gradient norms: batched (torch.func) scores against a per-sample autograd loop and a closed form;
+the gradnorm and lplgrad strategies."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import activelab
+from activelab.errors import ActivelabError
+from activelab.inference.gradients import (
+    NORMS,
+    entropy_gradient_norms,
+    entropy_gradient_norms_loop,
+)
+from activelab.models import LeNet
+from activelab.train import get_trainer
+
+from .conftest import TinyNet, make_pool
+
+
+class BNNet(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> conv -> BatchNorm -> pool -> linear, with non-trivial running stats."""
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(self.drop(x.mean(dim=(2, 3))))
+
+
+def _bn_net() -> BNNet:
+    torch.manual_seed(0)
+    model = BNNet()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+        model.fc.weight.mul_(4)  # confident, non-uniform predictions
+    return model
+
+
+def _lenet() -> LeNet:
+    torch.manual_seed(1)
+    return LeNet(num_classes=10, in_channels=1, image_size=28, dropout=True)
+
+
+def _pool(n: int, size: int, seed: int = 0):
+    return make_pool(n=n, size=size, seed=seed)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize(("factory", "size"), [(_bn_net, 8), (_lenet, 28)], ids=["batchnorm", "lenet"])
+def test_batched_equals_per_sample_loop(factory, size, norm):
+    model = factory()
+    model.train()  # the scores must use eval mode anyway (BatchNorm running stats, dropout off)
+    pool = _pool(13, size)
+    idx = np.arange(13)[::-1].copy()
+    batched = entropy_gradient_norms(model, pool, idx, norm=norm, chunk_size=5)
+    loop = entropy_gradient_norms_loop(model, pool, idx, norm=norm)
+    assert batched.shape == (13,) and np.all(batched > 0)
+    np.testing.assert_allclose(batched, loop, rtol=1e-4)
+    assert model.training and all(m.training for m in model.modules())  # modes restored
+
+
+def test_norms_differ_and_are_consistent():
+    model, pool = _bn_net(), _pool(9, 8)
+    idx = np.arange(9)
+    per_tensor = entropy_gradient_norms(model, pool, idx, norm="per_tensor_sum")
+    global_ = entropy_gradient_norms(model, pool, idx, norm="global")
+    last = entropy_gradient_norms(model, pool, idx, norm="last_layer")
+    # triangle inequality: the global norm never exceeds the sum of per-tensor norms; both exceed the last layer
+    assert np.all(global_ <= per_tensor + 1e-12) and np.all(last <= global_ + 1e-12)
+    assert np.all(global_ < per_tensor)
+
+
+def test_last_layer_matches_closed_form():
+    """dH/dz = -p (log p + H); dH/dW = (dH/dz) h^T, dH/db = dH/dz: norm = ||dH/dz|| sqrt(||h||^2 + 1)."""
+    model, pool = _bn_net(), _pool(11, 8)
+    idx = np.arange(11)
+    model.eval()
+    x, _ = pool.batch(idx)
+    h = []
+    handle = model.fc.register_forward_pre_hook(lambda _m, args: h.append(args[0]))
+    with torch.no_grad():
+        logits = model(x).double()
+    handle.remove()
+    h = h[0].double()
+    logp = torch.log_softmax(logits, dim=1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(dim=1, keepdim=True)
+    dz = -p * (logp + entropy)
+    expected = dz.norm(dim=1) * torch.sqrt((h * h).sum(dim=1) + 1)
+    model.train()  # the scores must switch to eval mode themselves (dropout 0.5 before fc, BatchNorm)
+    got = entropy_gradient_norms(model, pool, idx, norm="last_layer", chunk_size=4)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4)
+
+
+def test_chunk_size_does_not_change_scores():
+    model, pool = _bn_net(), _pool(10, 8)
+    idx = np.arange(10)
+    a = entropy_gradient_norms(model, pool, idx, chunk_size=1)
+    b = entropy_gradient_norms(model, pool, idx, chunk_size=3)
+    c = entropy_gradient_norms(model, pool, idx)  # automatic chunk
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    np.testing.assert_allclose(a, c, rtol=1e-5)
+
+
+def test_loss_module_parameters_are_not_part_of_theta():
+    torch.manual_seed(0)
+    plain = TinyNet()
+    with_module = copy.deepcopy(plain)
+    get_trainer("loss_prediction").prepare(with_module)
+    pool = make_pool(n=12)
+    idx = np.arange(12)
+    for norm in NORMS:
+        a = entropy_gradient_norms(plain, pool, idx, norm=norm)
+        b = entropy_gradient_norms(with_module, pool, idx, norm=norm)
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_bad_norm_and_chunk_are_errors():
+    model, pool = _bn_net(), _pool(4, 8)
+    with pytest.raises(ActivelabError, match="per_tensor_sum"):
+        entropy_gradient_norms(model, pool, np.arange(4), norm="frobenius")
+    with pytest.raises(ActivelabError, match="chunk_size"):
+        entropy_gradient_norms(model, pool, np.arange(4), chunk_size=0)
+
+
+@pytest.mark.parametrize("name", ["gradnorm", "lplgrad"])
+def test_strategy_picks_the_highest_loop_scores(name):
+    torch.manual_seed(0)
+    model = TinyNet()
+    if name == "lplgrad":
+        get_trainer("loss_prediction").prepare(model)
+    pool, labeled = make_pool(n=40), np.arange(0, 40, 4)
+    unlabeled = np.setdiff1d(np.arange(40), labeled)
+    picked = activelab.select(name, model, pool, labeled=labeled, budget=5, subset=1000, chunk_size=7)
+    scores = entropy_gradient_norms_loop(model, pool, unlabeled)
+    expected = unlabeled[np.argsort(-scores)[:5]]
+    assert set(picked.tolist()) == set(expected.tolist())
+
+
+def test_subset_is_seeded_and_bounded():
+    torch.manual_seed(0)
+    model, pool = TinyNet(), make_pool(n=60)
+    a = activelab.select("gradnorm", model, pool, budget=4, subset=12, seed=3)
+    b = activelab.select("gradnorm", model, pool, budget=4, subset=12, seed=3)
+    np.testing.assert_array_equal(a, b)
+    # with a subset of 4 and budget 4 the strategy returns exactly the seeded subset
+    c = activelab.select("gradnorm", model, pool, budget=4, subset=4, seed=5)
+    rng = np.random.default_rng(5)
+    rng.integers(2**31)  # select() seeds torch from the generator first
+    expected = np.sort(rng.choice(60, size=4, replace=False))
+    np.testing.assert_array_equal(np.sort(c), expected)
+    with pytest.raises(ActivelabError, match="subset=3 is smaller than the budget 4"):
+        activelab.select("gradnorm", model, pool, budget=4, subset=3)
