@@ -37,9 +37,7 @@ def digits_model(seed: int = 0, classes: int = 4) -> nn.Module:
 
 
 def fit(model, data, cfg, seed=0, **kw):
-    return TRAINER.fit(
-        model, data, np.arange(len(data)), cfg, generator=torch.Generator().manual_seed(seed), **kw
-    )
+    return TRAINER.fit(model, data, np.arange(len(data)), cfg, generator=torch.Generator().manual_seed(seed), **kw)
 
 
 def test_registry():
@@ -76,9 +74,7 @@ def test_adam_path():
 
 def test_until_train_accuracy_stops_early_and_respects_cap():
     train = blobs(96)
-    result = fit(
-        digits_model(), train, TrainConfig(epochs=40, lr=0.05, momentum=0.9, until_train_accuracy=0.9)
-    )
+    result = fit(digits_model(), train, TrainConfig(epochs=40, lr=0.05, momentum=0.9, until_train_accuracy=0.9))
     accs = [h["train_accuracy"] for h in result.history]
     assert result.epochs < 40 and result.epochs == len(accs)
     assert accs[-1] >= 0.9 and all(a < 0.9 for a in accs[:-1]) and result.train_accuracy == accs[-1]
@@ -289,9 +285,7 @@ def test_shift_crop_matches_naive_padding_and_slicing():
     assert out.shape == x.shape
     for i in range(6):
         dy, dx = offsets[i].tolist()
-        np.testing.assert_allclose(
-            out[i].numpy(), _naive_crop(x[i].numpy(), dy, dx, 2, fill.numpy()), atol=1e-6
-        )
+        np.testing.assert_allclose(out[i].numpy(), _naive_crop(x[i].numpy(), dy, dx, 2, fill.numpy()), atol=1e-6)
     torch.testing.assert_close(shift_crop(x, torch.full((6, 2), 2), 2), x)  # centre offset = identity
 
 

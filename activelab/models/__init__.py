@@ -66,9 +66,7 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
     if name in ("resnet10", "resnet18"):
         stem = getattr(cfg, "stem", "cifar")
         if stem not in ("cifar", "imagenet"):
-            raise ActivelabError(
-                f"unknown ResNet stem {stem!r}; choose 'cifar' (32-pixel images) or 'imagenet'"
-            )
+            raise ActivelabError(f"unknown ResNet stem {stem!r}; choose 'cifar' (32-pixel images) or 'imagenet'")
         factory = resnet10 if name == "resnet10" else resnet18
         return factory(num_classes, in_channels, stem, dropout)
     raise ActivelabError(f"unknown model {name!r}; available models: {', '.join(MODELS)}")

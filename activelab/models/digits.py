@@ -21,15 +21,11 @@ class DigitsCNN(nn.Module):
     default_taps: ClassVar[list[str]] = ["conv1", "conv2", "fc1"]
     classifier_name: ClassVar[str] = "fc2"
 
-    def __init__(
-        self, num_classes: int = 10, in_channels: int = 1, image_size: int = 8, dropout: bool = True
-    ):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 8, dropout: bool = True):
         super().__init__()
         side = image_size // 2
         if side < 1:
-            raise ActivelabError(
-                f"digits_cnn needs images of at least 2x2 pixels; got {image_size}x{image_size}"
-            )
+            raise ActivelabError(f"digits_cnn needs images of at least 2x2 pixels; got {image_size}x{image_size}")
         self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
         self.drop1 = nn.Dropout(0.25) if dropout else nn.Identity()

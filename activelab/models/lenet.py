@@ -28,15 +28,11 @@ class LeNet(nn.Module):
     default_taps: ClassVar[list[str]] = ["conv1", "conv2", "fc1"]
     classifier_name: ClassVar[str] = "fc2"
 
-    def __init__(
-        self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, dropout: bool = True
-    ):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, dropout: bool = True):
         super().__init__()
         side = ((image_size - 4) // 2 - 4) // 2
         if side < 1:
-            raise ActivelabError(
-                f"LeNet needs images of at least 16x16 pixels; got {image_size}x{image_size}"
-            )
+            raise ActivelabError(f"LeNet needs images of at least 16x16 pixels; got {image_size}x{image_size}")
         self.conv1 = nn.Conv2d(in_channels, 10, kernel_size=5)
         self.drop1 = _dropout(0.25, dropout)
         self.conv2 = nn.Conv2d(10, 20, kernel_size=5)

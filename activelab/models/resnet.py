@@ -95,13 +95,9 @@ class ResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def resnet10(
-    num_classes: int = 10, in_channels: int = 3, stem: str = "cifar", dropout: bool = True
-) -> ResNet:
+def resnet10(num_classes: int = 10, in_channels: int = 3, stem: str = "cifar", dropout: bool = True) -> ResNet:
     return ResNet([1, 1, 1, 1], num_classes, in_channels, stem, dropout)
 
 
-def resnet18(
-    num_classes: int = 10, in_channels: int = 3, stem: str = "cifar", dropout: bool = True
-) -> ResNet:
+def resnet18(num_classes: int = 10, in_channels: int = 3, stem: str = "cifar", dropout: bool = True) -> ResNet:
     return ResNet([2, 2, 2, 2], num_classes, in_channels, stem, dropout)

@@ -28,9 +28,7 @@ def available_trainers() -> list[str]:
 def get_trainer(name: str) -> Trainer:
     """The trainer registered under ``name`` (its module's ``TRAINER``)."""
     if name not in TRAINERS:
-        raise ActivelabError(
-            f"unknown trainer {name!r}; available trainers: {', '.join(available_trainers())}"
-        )
+        raise ActivelabError(f"unknown trainer {name!r}; available trainers: {', '.join(available_trainers())}")
     module = importlib.import_module(TRAINERS[name])
     trainer = getattr(module, "TRAINER", None)
     if trainer is None:

@@ -151,9 +151,7 @@ class StandardTrainer:
         if len(indices) == 0:
             raise ActivelabError("there are no labeled samples to train on: label some first (loop.initial)")
         if cfg.select_by == "validation" and validation is None:
-            raise ActivelabError(
-                "select_by='validation' needs a validation set: pass validation=(dataset, idx)"
-            )
+            raise ActivelabError("select_by='validation' needs a validation set: pass validation=(dataset, idx)")
         if validation is not None:
             val_dataset, val_idx = validation[0], _as_indices(validation[1], "validation")
             if len(val_idx) == 0:
@@ -171,7 +169,6 @@ class StandardTrainer:
         train_acc = 0.0
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         cuda = [device.index or 0] if device.type == "cuda" else []
-        epochs = range(cfg.epochs)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -180,31 +177,18 @@ class StandardTrainer:
         was_training = model.training
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
-            for epoch in epochs:
+            for epoch in range(cfg.epochs):
                 start = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]
-                model.train()
                 order = indices[torch.randperm(n, generator=generator).numpy()]
-                correct = torch.zeros((), dtype=torch.int64, device=device)
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                for x, y in iter_batches(dataset, order, cfg.batch_size):
-                    if cfg.augment != "none":
-                        x = augment_batch(x, cfg.augment, generator, fill)
-                    x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
-                    loss, logits = self.training_loss(model, x, y, epoch, cfg)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    with torch.no_grad():
-                        correct += (logits.argmax(1) == y).sum()
-                        loss_sum += loss.detach().double() * len(y)
+                correct, loss_sum = self._train_epoch(model, dataset, order, cfg, epoch, optimizer, generator, fill)
                 scheduler.step()
-                train_acc = int(correct) / n
+                train_acc = correct / n
                 seconds += time.perf_counter() - start
                 record = {
                     "epoch": epoch + 1,
                     "lr": lr,
-                    "loss": float(loss_sum) / n,
+                    "loss": loss_sum / n,
                     "train_accuracy": train_acc,
                     "val_accuracy": None,
                 }
@@ -244,6 +228,35 @@ class StandardTrainer:
             selected_epoch=selected,
             history=history,
         )
+
+    def _train_epoch(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        order: np.ndarray,
+        cfg: TrainConfig,
+        epoch: int,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        fill: torch.Tensor | None,
+    ) -> tuple[int, float]:
+        """One pass over ``dataset[order]``; returns (correct predictions, summed loss) in train mode."""
+        device = model_device(model)
+        model.train()
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for x, y in iter_batches(dataset, order, cfg.batch_size):
+            if cfg.augment != "none":
+                x = augment_batch(x, cfg.augment, generator, fill)
+            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+            loss, logits = self.training_loss(model, x, y, epoch, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():  # accumulated on the device: no synchronisation per batch
+                correct += (logits.argmax(1) == y).sum()
+                loss_sum += loss.detach().double() * len(y)
+        return int(correct), float(loss_sum)
 
 
 TRAINER = StandardTrainer()
