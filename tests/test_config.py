@@ -79,3 +79,32 @@ def test_yaml_errors_are_config_errors(tmp_path):
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.strategies
+
+
+def test_cli_help_and_datasets():
+    from click.testing import CliRunner
+
+    from activelab.cli import main
+
+    runner = CliRunner()
+    for cmd in ("run", "report", "plot", "datasets", "pretrain"):
+        res = runner.invoke(main, [cmd, "--help"])
+        assert res.exit_code == 0 and "Usage" in res.output
+    res = runner.invoke(main, ["datasets"])
+    assert res.exit_code == 0
+    lines = {line.split()[0]: line for line in res.output.splitlines() if line.strip()}
+    assert set(lines) >= {"digits", "fashion_mnist", "mnist", "svhn", "cifar10", "imagenet"}
+    assert " yes " in lines["digits"]
+
+
+def test_cli_missing_config_is_clear(tmp_path):
+    from click.testing import CliRunner
+
+    from activelab.cli import main
+
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\ndataset: {name: digits}\nmodel: {name: lenet}\nloop: {budget: 1}\nstrategies: []\n")
+    res = CliRunner().invoke(main, ["run", str(p)])
+    assert res.exit_code == 2
+    assert "loop.rounds: Field required" in res.output and "strategies" in res.output
+    assert "Traceback" not in res.output

@@ -99,7 +99,10 @@ def iter_batches(dataset: Dataset, indices: np.ndarray, batch_size: int):
             yield dataset.batch(indices[start : start + batch_size])
         return
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False
+        torch.utils.data.Subset(dataset, indices.tolist()),
+        batch_size=batch_size,
+        shuffle=False,
+        generator=torch.Generator(),  # leave the global RNG alone: no shuffling happens anyway
     )
     for x, y in loader:
         yield x, torch.as_tensor(y)
