@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="$(bash scripts/setup.sh | tail -n 1)"
-"$venv/bin/activelab" run configs/quickstart.yaml --out runs/quickstart
+"$venv/bin/activelab" run configs/quickstart.yaml --out runs/quickstart --workers 2
 "$venv/bin/activelab" report runs/quickstart
 "$venv/bin/activelab" plot runs/quickstart
