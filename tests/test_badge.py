@@ -33,6 +33,15 @@ def test_factorised_picks_what_materialised_picks(first, seed):
     assert len(set(fast.tolist())) == 40
 
 
+def test_factorised_matches_on_a_larger_pool_with_float32_features():
+    """Enough points and centres that the bound prunes and the class-sorted slices are used."""
+    a, h = _factors(7, n=3000, c=10, d=24)
+    h = h.astype(np.float32)
+    fast = kmeans_pp_factorised(a, h, 150, np.random.default_rng(0))
+    slow = kmeans_pp_dense(materialise(a, h, np.float64), 150, np.random.default_rng(0))
+    np.testing.assert_array_equal(fast, slow)
+
+
 def test_first_centre_is_the_largest_gradient_embedding():
     a, h = _factors(3)
     norms = np.linalg.norm(materialise(a, h, np.float64), axis=1)

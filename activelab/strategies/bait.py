@@ -234,8 +234,13 @@ def bait_select_reference(
     f = np.asarray(fisher_pool, dtype=np.float64)
 
     def products(rows: np.ndarray, m_inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        a = vs[rows] @ m_inv
-        return a @ np.swapaxes(vs[rows], 1, 2), a @ f @ np.swapaxes(a, 1, 2)
+        g, h = np.empty((len(rows), c, c)), np.empty((len(rows), c, c))
+        for s in range(0, len(rows), 256):  # chunked only to bound memory
+            vr = vs[rows[s : s + 256]]
+            a = vr @ m_inv
+            g[s : s + 256] = a @ np.swapaxes(vr, 1, 2)
+            h[s : s + 256] = a @ f @ np.swapaxes(a, 1, 2)
+        return g, h
 
     picked: list[int] = []
     n_forward = _counts(n, budget, prune) if max_picks is None else min(max_picks, _counts(n, budget, prune))
