@@ -42,6 +42,7 @@ def run_strategy(
     taps: Sequence[str] | None = None,
     classifier: str | None = None,
     info: dict | None = None,
+    ensemble_models: Sequence[nn.Module] | None = None,
 ) -> np.ndarray:
     """Run ``strategy`` once and check its answer; the shared core of ``select`` and the experiment runner."""
     candidates = unlabeled_indices(len(pool), labeled)
@@ -65,6 +66,7 @@ def run_strategy(
         allow_pool_labels=strategy.reads_pool_labels,
         strategy_name=f"strategy {strategy.name!r}",
         info=info,
+        ensemble_models=ensemble_models,
     )
     positions = np.asarray(strategy.query(ctx, int(budget), rng), dtype=np.int64)
     if positions.shape != (budget,) or len(np.unique(positions)) != budget:

@@ -199,3 +199,39 @@ def test_runs_option_selects_runs(tmp_path):
     assert sorted(out.done) == [(1, "entropy"), (1, "random")]
     res = CliRunner().invoke(main, ["run", str(cfg_path), "--out", str(tmp_path / "exp"), "--runs", "0:9"])
     assert res.exit_code == 2 and "outside the config's 2 runs" in res.output
+
+
+@register
+class _Ensemble3(Strategy):
+    """Test-only strategy: asks the runner for a 3-model ensemble and checks what it gets."""
+
+    name = "_test_ensemble3"
+    seen: list = []
+
+    def ensemble_size(self) -> int:
+        return 3
+
+    def query(self, ctx, budget, rng):
+        members = ctx.ensemble_models
+        assert members is not None and len(members) == 3 and members[0] is ctx.model
+        dataset, idx = ctx.dataset("candidates")
+        x, _ = dataset.batch(idx[:16])
+        with torch.no_grad():
+            outs = [m.eval()(x) for m in members]
+        type(self).seen.append(all(not torch.allclose(outs[0], o) for o in outs[1:]))
+        return rng.choice(len(ctx.candidates), budget, replace=False)
+
+
+def test_ensemble_members_are_trained_and_resumed(tmp_path):
+    cfg = {**TINY, "loop": {**TINY["loop"], "runs": 1, "rounds": 2}, "strategies": [{"name": "_test_ensemble3"}]}
+    cfg_path = write_config(tmp_path / "e.yaml", cfg)
+    _Ensemble3.seen.clear()
+    assert not run_experiment(cfg_path, tmp_path / "exp", progress=False).failed
+    assert _Ensemble3.seen == [True, True]  # distinct members in both selection rounds
+    folder = tmp_path / "exp/models/run0/_test_ensemble3"
+    assert sorted(p.name for p in folder.glob("round2*.pt")) == ["round2.pt", "round2_member1.pt", "round2_member2.pt"]
+    before = snapshot(tmp_path / "exp")
+    with sqlite3.connect(tmp_path / "exp/results.sqlite") as c:
+        c.execute("DELETE FROM rounds WHERE round = 2")
+    assert not run_experiment(cfg_path, tmp_path / "exp", progress=False).failed
+    assert snapshot(tmp_path / "exp") == before  # members reloaded from their checkpoints on resume

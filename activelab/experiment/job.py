@@ -26,8 +26,26 @@ def safe_name(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in label)
 
 
-def checkpoint_path(exp_dir: Path, run: int, label: str, round_: int) -> Path:
-    return exp_dir / "models" / f"run{run}" / safe_name(label) / f"round{round_}.pt"
+def checkpoint_path(exp_dir: Path, run: int, label: str, round_: int, member: int = 0) -> Path:
+    """The saved model of a round; ensemble members beyond the first get their own files."""
+    suffix = f"_member{member}" if member else ""
+    return exp_dir / "models" / f"run{run}" / safe_name(label) / f"round{round_}{suffix}.pt"
+
+
+def _member_model(cfg, data, trainer, init_state, seed, run, label, j, device):
+    """Model ``j`` of a strategy's ensemble (``j`` = 0: the model itself). Every member starts from the run's
+    initial weights; members beyond the first get their own freshly drawn classifier head, and their own
+    training seeds, so they differ as separately trained models do."""
+    from ..models import replace_classifier
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch_seed(seed, run, label, "trainer-modules", *(("member", j) if j else ())))
+        model = new_model(cfg, data)
+        trainer.prepare(model)
+        model.load_state_dict(init_state, strict=False)
+        if j:
+            replace_classifier(model, data.num_classes)
+    return model.to(device)
 
 
 def run_job(exp_dir: str | Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, progress: bool = False) -> None:
@@ -60,13 +78,12 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
     pool_labels = dataset_labels(data.pool)
     test_labels = dataset_labels(data.test)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(torch_seed(seed, run, label, "trainer-modules"))
-        model = new_model(cfg, data)
-        trainer.prepare(model)
-    model.load_state_dict(init_state, strict=False)
-    init_full = {k: v.clone() for k, v in model.state_dict().items()}  # includes what prepare() attached
-    model.to(device)
+    members = [
+        _member_model(cfg, data, trainer, init_state, seed, run, label, j, device)
+        for j in range(strategy.ensemble_size())
+    ]
+    model = members[0]
+    init_states = [{k: v.clone() for k, v in m.state_dict().items()} for m in members]
 
     done = store.last_round(run, label)
     state = PoolState(len(data.pool))
@@ -75,7 +92,8 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
     else:
         selections = {r.round: r.selected for r in store.rounds(run, label)}
         state = PoolState.from_selections(len(data.pool), selections)
-        model.load_state_dict(torch.load(checkpoint_path(exp_dir, run, label, done), map_location=device))
+        for j, member in enumerate(members):
+            member.load_state_dict(torch.load(checkpoint_path(exp_dir, run, label, done, j), map_location=device))
         start = done + 1
 
     for round_ in range(start, cfg.loop.rounds + 1):
@@ -103,34 +121,42 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
                     data.validation,
                     batch_size=cfg.loop.query_batch_size,
                     info=info,
+                    ensemble_models=members if len(members) > 1 else None,
                 )
         select_seconds = time.perf_counter() - t0
         state.label(selected, round_)
 
-        if cfg.train.restart == "reinit":
-            model.load_state_dict(init_full)
         validation = (data.validation, np.arange(len(data.validation))) if cfg.train.select_by == "validation" else None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(torch_seed(seed, run, label, round_, "train-torch"))
-            result = trainer.fit(
-                model,
-                data.pool,
-                state.labeled,
-                cfg.train,
-                generator=torch_generator(seed, run, label, round_, "train"),
-                validation=validation,
-                device=device,
-                progress=progress,
-            )
+        results = []
+        for j, member in enumerate(members):
+            if cfg.train.restart == "reinit":
+                member.load_state_dict(init_states[j])
+            keys = (run, label, round_) if j == 0 else (run, label, round_, "member", j)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(torch_seed(seed, *keys, "train-torch"))
+                results.append(
+                    trainer.fit(
+                        member,
+                        data.pool,
+                        state.labeled,
+                        cfg.train,
+                        generator=torch_generator(seed, *keys, "train"),
+                        validation=validation,
+                        device=device,
+                        progress=progress,
+                    )
+                )
+        result = results[0]
         t1 = time.perf_counter()
         predictions = evaluate(model, data.test, np.arange(len(data.test)), cfg.train.eval_batch_size, device)
         eval_seconds = time.perf_counter() - t1
         metrics = round_metrics(test_labels, predictions, data.num_classes, data.minority)
         labeled_counts = np.bincount(pool_labels[state.labeled], minlength=data.num_classes)
-        atomic_save(
-            {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            checkpoint_path(exp_dir, run, label, round_),
-        )
+        for j, member in enumerate(members):
+            atomic_save(
+                {k: v.detach().cpu() for k, v in member.state_dict().items()},
+                checkpoint_path(exp_dir, run, label, round_, j),
+            )
         store.put_round(
             RoundRecord(
                 run=run,
@@ -143,8 +169,8 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
                 per_class_recall=metrics["per_class_recall"],
                 labeled_per_class=labeled_counts.tolist(),
                 select_seconds=select_seconds,
-                train_seconds=result.seconds,
-                eval_seconds=eval_seconds + result.eval_seconds,
+                train_seconds=sum(r.seconds for r in results),
+                eval_seconds=eval_seconds + sum(r.eval_seconds for r in results),
                 epochs=result.epochs,
                 val_accuracy=result.val_accuracy,
                 selected=selected,
@@ -153,7 +179,8 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
             )
         )
         if cfg.loop.keep_checkpoints == "last" and round_ > 0:
-            checkpoint_path(exp_dir, run, label, round_ - 1).unlink(missing_ok=True)
+            for j in range(len(members)):
+                checkpoint_path(exp_dir, run, label, round_ - 1, j).unlink(missing_ok=True)
 
 
 def run_data_for(cfg: ExperimentConfig, run: int) -> RunData:

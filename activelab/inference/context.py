@@ -45,6 +45,7 @@ class QueryContext:
         allow_pool_labels: bool = False,
         strategy_name: str = "this strategy",
         info: dict | None = None,
+        ensemble_models: Sequence[nn.Module] | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -59,6 +60,8 @@ class QueryContext:
         self._cache: dict[Any, Any] = {}
         #: Free-form notes a strategy leaves for the round's record (e.g. "fell back to random").
         self.info: dict = info if info is not None else {}
+        #: Separately trained models of an ensemble (the first is ``model``), when the runner keeps them.
+        self.ensemble_models = list(ensemble_models) if ensemble_models else None
 
     # -- model internals -------------------------------------------------------------------------------
     @property

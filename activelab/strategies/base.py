@@ -11,6 +11,7 @@ Class attributes the engine reads:
 - ``training``: which trainer the experiment runner must use for this strategy (``"standard"`` or another name
   registered in :mod:`activelab.train`).
 - ``first_round_random``: with no labels yet, draw the first batch at random (uncertainty baselines).
+- ``ensemble_size()``: the runner trains that many models per round and passes them as ``ctx.ensemble_models``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ class Strategy:
     def query(self, ctx: QueryContext, budget: int, rng: np.random.Generator) -> np.ndarray:
         """Return ``budget`` distinct positions into ``ctx.candidates``."""
         raise NotImplementedError
+
+    def ensemble_size(self) -> int:
+        """How many separately trained models the experiment runner keeps for this strategy (1: just the
+        model). Members beyond the first reach ``query`` as ``ctx.ensemble_models`` (all E, first included)."""
+        return 1
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}
