@@ -93,3 +93,16 @@ def test_no_labeled_start_is_seeded():
     rng.integers(2**31)  # select() seeds torch from the generator first
     first = int(rng.integers(40))
     assert a.tolist() == naive_kcenter(emb, np.zeros((0, emb.shape[1])), 5, first)
+
+
+def test_subset_embeds_and_selects_only_the_seeded_subset():
+    torch.manual_seed(0)
+    model, pool = TinyNet(), make_pool(n=60)
+    labeled = np.arange(0, 60, 6)
+    unlabeled = np.setdiff1d(np.arange(60), labeled)
+    picked = activelab.select("coreset", model, pool, labeled=labeled, budget=4, subset=20, seed=2)
+    rng = np.random.default_rng(2)
+    rng.integers(2**31)  # select() seeds torch from the generator first
+    subset = unlabeled[np.sort(rng.choice(len(unlabeled), size=20, replace=False))]
+    emb = forward_pass(model, pool, np.arange(60), embeddings=True).embeddings
+    np.testing.assert_array_equal(picked, subset[naive_kcenter(emb[subset], emb[labeled], 4)])

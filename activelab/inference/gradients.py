@@ -35,13 +35,13 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
 def backbone_parameters(
-    model: nn.Module, exclude: tuple[str, ...] = AUXILIARY_PREFIXES
+    model: nn.Module, exclude: tuple[str, ...] = AUXILIARY_PREFIXES, trainable_only: bool = True
 ) -> dict[str, torch.Tensor]:
-    """The model's trainable parameters by name, without auxiliary heads (e.g. ``loss_module``)."""
+    """The model's (trainable) parameters by name, without auxiliary heads (e.g. ``loss_module``)."""
     return {
         name: p
         for name, p in model.named_parameters()
-        if p.requires_grad and not any(name.startswith(prefix) for prefix in exclude)
+        if (p.requires_grad or not trainable_only) and not any(name.startswith(prefix) for prefix in exclude)
     }
 
 
@@ -114,7 +114,7 @@ def entropy_gradient_norms(
     device = model_device(model)
 
     with eval_mode(model):
-        all_params = {n: p.detach() for n, p in model.named_parameters() if not n.startswith("loss_module.")}
+        all_params = {n: p.detach() for n, p in backbone_parameters(model, trainable_only=False).items()}
         grad_params = {n: all_params.pop(n) for n in names}
         buffers = {n: b.detach() for n, b in model.named_buffers()}
 
@@ -156,8 +156,6 @@ def entropy_gradient_norms_loop(
         for x, _ in iter_batches(dataset, indices, 1):
             h = entropy(model(x.to(device)))[0]
             grads = torch.autograd.grad(h, theta, allow_unused=True)
-            norms = torch.stack(
-                [g.norm() if g is not None else torch.zeros((), device=device) for g in grads]
-            )
+            norms = torch.stack([g.norm() if g is not None else torch.zeros((), device=device) for g in grads])
             scores.append(reduce_norms(norms.double().unsqueeze(0), norm).cpu())
     return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float64)

@@ -13,7 +13,9 @@ import torch
 from pydantic import Field
 
 from ..errors import ActivelabError
+from ..inference.forward import forward_pass
 from .base import Strategy, StrategyParams, register
+from .gradnorm import candidate_subset
 
 #: Rows x columns of one block of the candidate-to-labeled distance matrix.
 BLOCK_ELEMENTS = 2**22
@@ -23,9 +25,7 @@ def _squared_norms(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum(dim=1)
 
 
-def min_sq_distances(
-    points: torch.Tensor, centers: torch.Tensor, block_elements: int = BLOCK_ELEMENTS
-) -> torch.Tensor:
+def min_sq_distances(points: torch.Tensor, centers: torch.Tensor, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
     """(N,) squared Euclidean distance from each point to its nearest centre, chunked so that no block holds
     more than ``block_elements`` distances. Uses ||a||^2 + ||b||^2 - 2 a.b, clamped at 0."""
     n = len(points)
@@ -39,9 +39,7 @@ def min_sq_distances(
     for r in range(0, n, rows):
         block_min = out[r : r + rows]
         for c in range(0, len(centers), cols):
-            d = torch.addmm(
-                c_sq[c : c + cols].unsqueeze(0), points[r : r + rows], centers[c : c + cols].T, alpha=-2
-            )
+            d = torch.addmm(c_sq[c : c + cols].unsqueeze(0), points[r : r + rows], centers[c : c + cols].T, alpha=-2)
             d += p_sq[r : r + rows].unsqueeze(1)
             torch.minimum(block_min, d.min(dim=1).values, out=block_min)
     return out.clamp_(min=0)
@@ -73,9 +71,7 @@ def kcenter_greedy(
     n = len(x)
     if budget > n:
         raise ActivelabError(f"cannot pick {budget} centres from {n} candidates")
-    labeled = torch.as_tensor(np.ascontiguousarray(labeled_embeddings, dtype=np.float32)).reshape(
-        -1, x.shape[1]
-    )
+    labeled = torch.as_tensor(np.ascontiguousarray(labeled_embeddings, dtype=np.float32)).reshape(-1, x.shape[1])
     chosen = np.empty(budget, dtype=np.int64)
     if budget == 0:
         return chosen
@@ -118,10 +114,13 @@ class Coreset(Strategy):
     Params = CoresetParams
 
     def query(self, ctx, budget, rng):
-        from .gradnorm import candidate_subset
-
         positions = candidate_subset(len(ctx.candidates), self.params.subset, budget, rng)
-        emb = ctx.embeddings("candidates")[positions]
+        if len(positions) == len(ctx.candidates):
+            emb = ctx.embeddings("candidates")
+        else:  # embed only the subset
+            emb = forward_pass(
+                ctx.model, ctx.pool, ctx.candidates[positions], ctx.batch_size, True, ctx.classifier
+            ).embeddings
         labeled = ctx.embeddings("labeled") if len(ctx.labeled) else np.zeros((0, emb.shape[1]), np.float32)
         return positions[kcenter_greedy(emb, labeled, budget, rng)]
 

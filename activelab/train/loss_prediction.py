@@ -17,6 +17,7 @@ leaves its middle sample unpaired instead of failing an assertion.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from ..inference.forward import eval_mode, model_device
 from ..inference.modules import classifier_name, named_module
 from .base import TrainResult
 from .supervised import StandardTrainer
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 #: The attribute under which :meth:`LossPredictionTrainer.prepare` attaches the module.
 MODULE_ATTR = "loss_module"
@@ -113,9 +117,7 @@ def loss_module(model: nn.Module) -> LossPredictionModule:
     return module
 
 
-def forward_with_taps(
-    model: nn.Module, x: torch.Tensor, detach: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_with_taps(model: nn.Module, x: torch.Tensor, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, predicted losses) of one batch; ``detach`` cuts the module off from the backbone's graph."""
     module = loss_module(model)
     with TapCapture(model, module.taps) as capture:
@@ -178,9 +180,7 @@ def tap_channels(model: nn.Module, taps: Sequence[str]) -> list[int]:
 
 
 @torch.no_grad()
-def predicted_losses(
-    model: nn.Module, dataset: Dataset, indices: np.ndarray, batch_size: int = 512
-) -> np.ndarray:
+def predicted_losses(model: nn.Module, dataset: Dataset, indices: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """l̂(x) for ``dataset[indices]`` in order (model in eval mode), float64 (N,). O(N) memory."""
     loss_module(model)
     device = model_device(model)
@@ -227,14 +227,28 @@ class LossPredictionTrainer(StandardTrainer):
         ce, lpl, logits = joint_loss(model, x, y, epoch, cfg)
         return ce + cfg.loss_weight * lpl, logits
 
-    def fit(self, model: nn.Module, dataset: Dataset, indices: np.ndarray, cfg, **kwargs) -> TrainResult:
-        """:meth:`StandardTrainer.fit` (same arguments) after ``prepare`` (a no-op if already prepared)."""
+    def fit(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        indices: np.ndarray,
+        cfg: TrainConfig,
+        *,
+        generator: torch.Generator,
+        validation: tuple[Dataset, np.ndarray] | None = None,
+        device: torch.device | str = "cpu",
+        progress: bool = False,
+    ) -> TrainResult:
+        """:meth:`StandardTrainer.fit` after ``prepare`` (a no-op if the model is already prepared)."""
         self.prepare(model)
-        return super().fit(model, dataset, indices, cfg, **kwargs)
+        return super().fit(
+            model, dataset, indices, cfg, generator=generator, validation=validation, device=device,
+            progress=progress,
+        )  # fmt: skip
 
 
 def joint_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int, cfg
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean CE, ranking loss L_pred, logits) of one batch at 0-based ``epoch``.
 
