@@ -106,12 +106,14 @@ def test_pool_fisher_weights_the_unlabeled_estimate_by_the_pool_size():
     np.testing.assert_allclose(f_u, np.eye(2) * 2.0)
 
 
-def test_candidate_subset_is_seeded_sorted_and_never_smaller_than_the_budget():
+def test_candidate_subset_is_seeded_sorted_and_never_smaller_than_twice_the_budget():
     a = candidate_subset(100, 10, 4, np.random.default_rng(0))
     b = candidate_subset(100, 10, 4, np.random.default_rng(0))
+    assert not np.array_equal(a, candidate_subset(100, 10, 4, np.random.default_rng(1)))
     np.testing.assert_array_equal(a, b)
     assert len(a) == 10 and np.all(np.diff(a) > 0)
-    assert len(candidate_subset(100, 10, 30, np.random.default_rng(0))) == 30
+    assert len(candidate_subset(100, 10, 30, np.random.default_rng(0))) == 60  # room for 2b forward picks
+    np.testing.assert_array_equal(candidate_subset(100, 10, 60, np.random.default_rng(0)), np.arange(100))
     np.testing.assert_array_equal(candidate_subset(8, 10, 4, np.random.default_rng(0)), np.arange(8))
     np.testing.assert_array_equal(candidate_subset(8, None, 4, np.random.default_rng(0)), np.arange(8))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from activelab.errors import ActivelabError
 from activelab.inference.fisher import (
@@ -32,7 +33,7 @@ def _model() -> TinyNet:
     return model.eval()
 
 
-def _loop_grads(model: TinyNet, pool, indices: np.ndarray):
+def _loop_grads(model: nn.Module, pool, indices: np.ndarray):
     """Per-sample, per-class d log p(c|x) / d theta by autograd, one backward pass at a time.
 
     Returns ({name: (N, C, *shape)}, p (N, C)) as float64."""
@@ -74,12 +75,13 @@ def _hand_mask(model: TinyNet) -> FisherMask:
     )
 
 
+@pytest.mark.parametrize("method", ["signals", "jacobian"])
 @pytest.mark.parametrize("weighting", ["sqrt_p", "none"])
-def test_masked_fisher_embeddings_match_a_loop(weighting):
+def test_masked_fisher_embeddings_match_a_loop(weighting, method):
     model, pool = _model(), make_pool(n=12)
     idx = np.array([4, 9, 1, 10])
     mask = _hand_mask(model)
-    v = masked_fisher_embeddings(model, pool, idx, mask, weighting, chunk_size=3)
+    v = masked_fisher_embeddings(model, pool, idx, mask, weighting, chunk_size=3, method=method)
     grads, p = _loop_grads(model, pool, idx)
     cols = [grads[n].flatten(2)[:, :, i] for n, i in zip(mask.names, mask.indices, strict=True)]
     expected = torch.cat(cols, dim=2)
@@ -88,9 +90,62 @@ def test_masked_fisher_embeddings_match_a_loop(weighting):
     assert v.shape == (4, 4, mask.size) and v.dtype == np.float32
     np.testing.assert_allclose(v, expected.numpy(), rtol=1e-4, atol=1e-6)
     # V_x^T V_x summed over the set is the Gram that masked_fisher_gram streams
-    gram = masked_fisher_gram(model, pool, idx, mask, weighting, chunk_size=3)
+    gram = masked_fisher_gram(model, pool, idx, mask, weighting, chunk_size=3, method=method)
     rows = expected.reshape(-1, mask.size).numpy()
     np.testing.assert_allclose(gram, rows.T @ rows, rtol=1e-4, atol=1e-7)
+
+
+class _Odd(nn.Module):
+    """Every case the signal method must handle or hand over: a strided, dilated conv with BatchNorm (eval mode,
+    non-trivial running statistics), a grouped conv and a conv called twice (both differentiated directly), a
+    linear layer mapped over an extra dimension, and a BatchNorm1d."""
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=2, dilation=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.rows = nn.Linear(4, 3)
+        self.bn1 = nn.BatchNorm1d(12)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        x = torch.relu(self.shared(torch.relu(self.shared(self.grouped(x)))))
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(2).transpose(1, 2)  # (B, 4 positions, 4)
+        x = torch.tanh(self.rows(x)).flatten(1)  # (B, 12)
+        return self.fc(self.bn1(x))
+
+
+def test_signal_method_covers_batchnorm_grouped_shared_and_mapped_layers():
+    torch.manual_seed(0)
+    model = _Odd()
+    with torch.no_grad():
+        for bn in (model.bn, model.bn1):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    pool = make_pool(n=8)
+    idx = np.array([5, 0, 7])
+    params = dict(model.named_parameters())
+    rng = np.random.default_rng(0)
+    names = tuple(params)
+    indices = tuple(
+        torch.as_tensor(np.sort(rng.choice(params[n].numel(), min(5, params[n].numel()), replace=False))) for n in names
+    )
+    mask = FisherMask(names, indices, "fc.weight", False)
+    signals = masked_fisher_embeddings(model, pool, idx, mask, method="signals")
+    jacobian = masked_fisher_embeddings(model, pool, idx, mask, method="jacobian")
+    grads, p = _loop_grads(model, pool, idx)
+    cols = [grads[n].flatten(2)[:, :, i] for n, i in zip(names, indices, strict=True)]
+    expected = (torch.cat(cols, dim=2) * p.sqrt().unsqueeze(2)).numpy()
+    np.testing.assert_allclose(signals, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(jacobian, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_sqrt_p_weighted_embeddings_give_the_diagonal_fisher():

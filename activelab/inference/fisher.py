@@ -144,9 +144,7 @@ class FisherMask:
     names: tuple[str, ...]
     indices: tuple[torch.Tensor, ...]  # int64, sorted, per name
     classifier_weight: str
-    last_layer_only: (
-        bool  # K <= |classifier weight|: the mask is the whole classifier weight and nothing else
-    )
+    last_layer_only: bool  # K <= |classifier weight|: the mask is the whole classifier weight and nothing else
 
     @property
     def size(self) -> int:
@@ -171,9 +169,7 @@ def fisher_mask(fisher: Mapping[str, torch.Tensor], classifier_weight: str, pct:
     K <= |W_last| the mask is just the classifier weight (``last_layer_only``), so K is then |W_last|.
     """
     if classifier_weight not in fisher:
-        raise ActivelabError(
-            f"the classifier weight {classifier_weight!r} is not among the Fisher's parameters"
-        )
+        raise ActivelabError(f"the classifier weight {classifier_weight!r} is not among the Fisher's parameters")
     if not 0.0 < pct <= 1.0:
         raise ActivelabError(f"pct must lie in (0, 1]; got {pct}")
     names = list(fisher)
@@ -187,9 +183,7 @@ def fisher_mask(fisher: Mapping[str, torch.Tensor], classifier_weight: str, pct:
     if extra > 0 and others:
         flat = torch.cat([fisher[n].detach().reshape(-1).double().cpu() for n in others]).numpy()
         if not np.all(np.isfinite(flat)):
-            raise ActivelabError(
-                "the diagonal Fisher has NaN or inf entries: the model's outputs are not finite"
-            )
+            raise ActivelabError("the diagonal Fisher has NaN or inf entries: the model's outputs are not finite")
         order = np.argsort(-flat, kind="stable")[:extra]
         offsets = np.cumsum([0] + [fisher[n].numel() for n in others])
         owner = np.searchsorted(offsets, order, side="right") - 1
@@ -197,15 +191,190 @@ def fisher_mask(fisher: Mapping[str, torch.Tensor], classifier_weight: str, pct:
             local = order[owner == t] - offsets[t]
             chosen[n] = torch.as_tensor(np.sort(local), dtype=torch.int64)
     kept = [n for n in names if len(chosen[n])]
-    return FisherMask(
-        tuple(kept), tuple(chosen[n] for n in kept), classifier_weight, last_layer_only=extra <= 0
-    )
+    return FisherMask(tuple(kept), tuple(chosen[n] for n in kept), classifier_weight, last_layer_only=extra <= 0)
 
 
 # -- Fisher embeddings on the mask -----------------------------------------------------------------------------
 def _check_weighting(weighting: str) -> None:
     if weighting not in WEIGHTINGS:
         raise ActivelabError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
+
+
+Method = Literal["signals", "jacobian"]
+
+_SIGNAL_MODULES = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass
+class _SignalLayer:
+    """A module whose masked entries are formed from its input and the backprop signal at its output."""
+
+    name: str
+    module: nn.Module
+    weight: torch.Tensor | None  # masked flat indices into the module's weight
+    bias: torch.Tensor | None  # masked flat indices into its bias
+    out_shape: tuple[int, ...] = ()
+
+
+def _signal_supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.running_mean is not None and module.running_var is not None
+    return isinstance(module, _SIGNAL_MODULES)
+
+
+def _plan_signals(model: nn.Module, mask: FisherMask, probe: torch.Tensor) -> tuple[list[_SignalLayer], list[str]]:
+    """Split the masked tensors into signal layers (Linear, Conv2d with groups 1, BatchNorm in eval mode, each
+    called once per forward) and fallback parameters (differentiated directly)."""
+    modules = dict(model.named_modules())
+    chosen = dict(zip(mask.names, mask.indices, strict=True))
+    layers: dict[str, _SignalLayer] = {}
+    fallback: list[str] = []
+    for name in mask.names:
+        prefix, _, attr = name.rpartition(".")
+        module = modules.get(prefix)
+        if module is None or attr not in ("weight", "bias") or not _signal_supported(module):
+            fallback.append(name)
+            continue
+        layer = layers.setdefault(prefix, _SignalLayer(prefix, module, None, None))
+        setattr(layer, attr, chosen[name])
+    calls: dict[str, list[tuple[int, ...]]] = {n: [] for n in layers}
+    handles = [
+        layer.module.register_forward_hook(lambda _m, _i, out, n=n: calls[n].append(tuple(out.shape)))
+        for n, layer in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    kept = []
+    for n, layer in layers.items():
+        if len(calls[n]) != 1:  # a shared module (called twice) or an unused one: differentiate its parameters
+            fallback += [f"{n}.{a}" for a in ("weight", "bias") if getattr(layer, a) is not None]
+            continue
+        layer.out_shape = calls[n][0]
+        kept.append(layer)
+    return kept, fallback
+
+
+def _gather_products(g: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """out[b, c, k] = sum_l g[b, c, rows[k], l] * u[b, cols[k], l].
+
+    With l > 1 (convolutions: l runs over output positions) the entries are grouped by row, one batched matrix
+    product per distinct row (output channel); with l = 1 (linear layers) a gathered elementwise product, in
+    blocks of k so that memory stays bounded."""
+    if g.shape[-1] > 1:
+        result = g.new_empty((g.shape[0], g.shape[1], len(rows)))
+        order = torch.argsort(rows, stable=True)
+        distinct, counts = torch.unique_consecutive(rows[order], return_counts=True)
+        start = 0
+        for r, n in zip(distinct.tolist(), counts.tolist(), strict=True):
+            ks = order[start : start + n]
+            result[:, :, ks] = torch.matmul(g[:, :, r, :], u[:, cols[ks], :].transpose(1, 2))
+            start += n
+        return result
+    out = []
+    step = max(1, int(2**22 // max(1, g.shape[0] * g.shape[1] * g.shape[-1])))
+    for s in range(0, len(rows), step):
+        r, c = rows[s : s + step], cols[s : s + step]
+        out.append(torch.einsum("bckl,bkl->bck", g[:, :, r, :], u[:, c, :]))
+    return torch.cat(out, dim=2)
+
+
+def _layer_entries(layer: _SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Masked entries (B, C, k) of d log p / d weight and d bias, from the layer's input ``a`` (B, *in) and the
+    signal ``g`` = d log p_c / d output (B, C, *out)."""
+    m = layer.module
+    b, c = g.shape[:2]
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(m, nn.Linear):
+        a2 = a.reshape(b, -1, m.in_features)  # (B, T, in): T > 1 when the layer maps over extra dimensions
+        g2 = g.reshape(b, c, -1, m.out_features)  # (B, C, T, out)
+        if layer.weight is not None:
+            rows, cols = layer.weight // m.in_features, layer.weight % m.in_features
+            out["weight"] = _gather_products(g2.transpose(2, 3), a2.transpose(1, 2), rows, cols)
+        if layer.bias is not None:
+            out["bias"] = g2.sum(2)[:, :, layer.bias]
+        return out
+    if isinstance(m, nn.Conv2d):
+        u = nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, in*kh*kw, L)
+        g2 = g.reshape(b, c, m.out_channels, -1)  # (B, C, out, L)
+        if layer.weight is not None:
+            q = u.shape[1]
+            out["weight"] = _gather_products(g2, u, layer.weight // q, layer.weight % q)
+        if layer.bias is not None:
+            out["bias"] = g2.sum(3)[:, :, layer.bias]
+        return out
+    # BatchNorm in eval mode: y = (a - mean) / sqrt(var + eps) * weight + bias, per channel (dimension 1)
+    shape = (1, -1) + (1,) * (a.dim() - 2)
+    a_hat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+    g2 = g.reshape(b, c, a.shape[1], -1)
+    if layer.weight is not None:
+        out["weight"] = (g2 * a_hat.reshape(b, 1, a.shape[1], -1)).sum(3)[:, :, layer.weight]
+    if layer.bias is not None:
+        out["bias"] = g2.sum(3)[:, :, layer.bias]
+    return out
+
+
+def _signal_fn(model: nn.Module, layers: list[_SignalLayer], fallback: list[str]):
+    """f(params, eps, x) -> log p, with a hook adding eps[name] (zeros) to each signal layer's output and saving
+    its input: jacrev w.r.t. eps gives the signals d log p_c / d output, w.r.t. params the fallback gradients."""
+    params = trainable_parameters(model)
+    wrt = {n: params[n].detach() for n in fallback}
+    const = {n: p.detach() for n, p in model.named_parameters() if n not in wrt}
+    const.update({n: b.detach() for n, b in model.named_buffers()})
+
+    def log_probs(w, eps, x):
+        saved: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            def add(_module, inputs, output):
+                saved[name] = inputs[0]
+                return output + eps[name]
+
+            return add
+
+        handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in layers]
+        try:
+            out = functional_call(model, {**const, **w}, (x.unsqueeze(0),))
+        finally:
+            for h in handles:
+                h.remove()
+        lp = torch.log_softmax(out.float(), dim=-1).squeeze(0)
+        return lp, (lp.detach(), {n: t.detach().squeeze(0) for n, t in saved.items()})
+
+    return wrt, vmap(jacrev(log_probs, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0))
+
+
+def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
+    """Yield ((B, C, K) d log p / d theta_mask, p (B, C)) by the signal method (see iter_masked_fisher_embeddings)."""
+    device = model_device(model)
+    indices = np.asarray(indices, dtype=np.int64)
+    with eval_mode(model):
+        probe, _ = next(iter_batches(dataset, indices[:1], 1))
+        layers, fallback = _plan_signals(model, mask, probe.to(device))
+        wrt, fn = _signal_fn(model, layers, fallback)
+        eps = {layer.name: torch.zeros(layer.out_shape, device=device) for layer in layers}
+        if chunk_size is None:
+            per_sample = sum(int(np.prod(layer.out_shape)) for layer in layers) * 8 + 4 * sum(
+                wrt[n].numel() for n in fallback
+            )
+            chunk_size = int(max(1, min(256, DEFAULT_CHUNK_BYTES // max(1, 3 * 16 * per_sample))))
+        for x, _ in iter_batches(dataset, indices, chunk_size):
+            (jac_w, jac_eps), (lp, saved) = fn(wrt, eps, x.to(device))
+            blocks: dict[str, torch.Tensor] = {
+                n: jac_w[n].flatten(2)[:, :, idx.to(device)]
+                for n, idx in zip(mask.names, mask.indices, strict=True)
+                if n in jac_w
+            }
+            for layer in layers:
+                g = jac_eps[layer.name].squeeze(2)  # (B, C, *out) without the unit batch dimension
+                for attr, val in _layer_entries(layer, saved[layer.name], g).items():
+                    blocks[f"{layer.name}.{attr}"] = val
+            yield torch.cat([blocks[n] for n in mask.names], dim=2), lp.exp()
 
 
 def iter_masked_fisher_embeddings(
@@ -215,20 +384,42 @@ def iter_masked_fisher_embeddings(
     mask: FisherMask,
     weighting: Weighting = "sqrt_p",
     chunk_size: int | None = None,
+    method: Method = "signals",
 ) -> Iterator[torch.Tensor]:
     """Yield chunks (B, C, K) float32 of Fisher embeddings, in the order of ``indices``.
 
     Row c of V_x is sqrt(p(c|x)) * d log p(c|x) / d theta_mask (``weighting="sqrt_p"``, BAIT's weighting, so
     that V_x^T V_x is x's Fisher information on the mask), or the bare gradient (``"none"``: the FisherMask
     authors' rows, kept to reproduce them).
+
+    ``method="signals"`` (default): per-sample, per-class gradients of log p with respect to each masked layer's
+    *output* (``vmap(jacrev)`` w.r.t. a zero tensor a hook adds to the output), and the layer's input; the masked
+    weight entries are then products of the two (Linear: g_o a_j; Conv2d: sum over positions of g_o times the
+    unfolded input; BatchNorm in eval mode: sum of g times the normalised input), so the full per-sample
+    Jacobian (C x P per sample) is never formed. Tensors of other modules (or of modules called more than once)
+    are differentiated directly. ``method="jacobian"``: the full per-sample, per-class Jacobian of every masked
+    tensor, then a gather (simpler, C x P_wrt memory per sample).
     """
     _check_weighting(weighting)
-    names = list(mask.names)
-    for jac, p in iter_log_prob_jacobians(model, dataset, indices, names, chunk_size):
-        cols = [
-            jac[n].flatten(2)[:, :, idx.to(jac[n].device)] for n, idx in zip(names, mask.indices, strict=True)
-        ]
-        v = torch.cat(cols, dim=2)
+    if method == "signals":
+        chunks = _iter_signal_embeddings(model, dataset, indices, mask, chunk_size)
+    elif method == "jacobian":
+        chunks = (
+            (
+                torch.cat(
+                    [
+                        jac[n].flatten(2)[:, :, i.to(jac[n].device)]
+                        for n, i in zip(mask.names, mask.indices, strict=True)
+                    ],
+                    dim=2,
+                ),
+                p,
+            )
+            for jac, p in iter_log_prob_jacobians(model, dataset, indices, list(mask.names), chunk_size)
+        )
+    else:
+        raise ActivelabError(f"method must be 'signals' or 'jacobian'; got {method!r}")
+    for v, p in chunks:
         if weighting == "sqrt_p":
             v = v * p.sqrt().unsqueeze(2)
         yield v.float().cpu()
@@ -241,15 +432,21 @@ def masked_fisher_embeddings(
     mask: FisherMask,
     weighting: Weighting = "sqrt_p",
     chunk_size: int | None = None,
+    method: Method = "signals",
 ) -> np.ndarray:
     """Fisher embeddings (N, C, K) float32 of ``dataset[indices]`` on ``mask``; see
     :func:`iter_masked_fisher_embeddings`. Memory: the output, N x C x K floats, plus one chunk's Jacobian."""
-    chunks = [
-        c.numpy() for c in iter_masked_fisher_embeddings(model, dataset, indices, mask, weighting, chunk_size)
-    ]
-    if not chunks:
+    n = len(indices)
+    if n == 0:
         raise ActivelabError("no samples to embed")
-    return np.concatenate(chunks, axis=0)
+    out: np.ndarray | None = None
+    start = 0
+    for chunk in iter_masked_fisher_embeddings(model, dataset, indices, mask, weighting, chunk_size, method):
+        if out is None:  # allocated once C is known: no second copy of the N x C x K output
+            out = np.empty((n, chunk.shape[1], mask.size), dtype=np.float32)
+        out[start : start + len(chunk)] = chunk.numpy()
+        start += len(chunk)
+    return out
 
 
 def masked_fisher_gram(
@@ -259,10 +456,11 @@ def masked_fisher_gram(
     mask: FisherMask,
     weighting: Weighting = "sqrt_p",
     chunk_size: int | None = None,
+    method: Method = "signals",
 ) -> np.ndarray:
     """sum over ``indices`` of V_x^T V_x, (K, K) float64, streamed (the V_x are never stored together)."""
     gram = np.zeros((mask.size, mask.size), dtype=np.float64)
-    for v in iter_masked_fisher_embeddings(model, dataset, indices, mask, weighting, chunk_size):
+    for v in iter_masked_fisher_embeddings(model, dataset, indices, mask, weighting, chunk_size, method):
         rows = v.double().reshape(-1, mask.size).numpy()
         gram += rows.T @ rows
     return gram

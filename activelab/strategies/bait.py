@@ -285,10 +285,13 @@ def pool_fisher(
 
 def candidate_subset(n_candidates: int, subset: int | None, budget: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted positions of a seeded random subset of the candidates (all of them when ``subset`` is None or
-    larger); never fewer than ``budget``."""
-    if subset is None or n_candidates <= max(subset, budget):
+    covers them); never fewer than 2 x ``budget``, so that the oversampled forward pass has room."""
+    if subset is None:
         return np.arange(n_candidates, dtype=np.int64)
-    return np.sort(rng.choice(n_candidates, size=max(subset, budget), replace=False)).astype(np.int64)
+    size = max(subset, 2 * budget)
+    if n_candidates <= size:
+        return np.arange(n_candidates, dtype=np.int64)
+    return np.sort(rng.choice(n_candidates, size=size, replace=False)).astype(np.int64)
 
 
 # -- strategies ------------------------------------------------------------------------------------------------
@@ -300,7 +303,7 @@ class _BaitParams(StrategyParams):
     subset: int | None = Field(
         5000,
         ge=1,
-        description="select among a seeded random subset of this many unlabeled samples (None: all)",
+        description="select among a seeded random subset of this many unlabeled samples, at least 2b (None: all)",
     )
     precision: Literal["float32", "float64"] = Field(
         "float64", description="dtype of the (N C x K) products of the greedy (state is always float64)"
@@ -386,7 +389,8 @@ class FisherMaskStrategy(Strategy):
     Deviations from the authors' code: S is a seeded random sample (theirs was the first 1,024 of a class-sorted
     pool, i.e. two classes); the mask is chosen by index (they matched values, misaligned on ties); rows are
     sqrt(p)-weighted by default; the mask is recomputed at every query; the first query uses the same model as
-    every other strategy (theirs queried from an untrained network).
+    every other strategy (theirs queried from an untrained network); F_U's unlabeled part is estimated on the
+    ``subset`` when the unlabeled pool is larger.
     """
 
     name = "fishermask"
