@@ -3,8 +3,8 @@
 K stochastic passes (dropout on, everything else in eval mode) per model, for each of E models, are reduced
 on the fly to the sufficient statistics of the MC uncertainty scores: argmax vote counts, sums of
 probabilities and of their squares, and the sum of per-pass entropies. Nothing of size N x K x C is ever
-held. The K passes of a batch run as one forward over the batch repeated (each row draws its own dropout
-mask), up to ``max_rows`` rows at a time.
+held. Small batches are repeated to fill ``max_rows`` rows, so several passes run as one forward (each row
+draws its own dropout mask).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def mc_statistics(
     passes: int,
     seed: int,
     batch_size: int = 512,
-    max_rows: int = 2048,
+    max_rows: int | None = None,
 ) -> MCStatistics:
     """Stream ``passes`` MC-dropout predictions of every model in ``models`` over ``dataset[indices]``.
 
@@ -107,6 +107,10 @@ def mc_statistics(
     e-th model) inside a forked RNG state, so the caller's RNG state is untouched and the result is
     reproducible. A model without dropout layers gives identical passes (an error: the scores would be
     meaningless).
+
+    ``max_rows`` (default ``batch_size``) bounds the rows of one forward: a batch smaller than it is repeated
+    to fill it, several passes at once (larger blocks help GPUs; on a CPU, max-pooling slows down on big
+    blocks, so the default runs one pass of one batch per forward).
 
     Time: E·K forward passes over N. Memory: O(N·C) accumulators plus one block of ``max_rows`` rows.
     """
@@ -121,6 +125,7 @@ def mc_statistics(
                 "this model has none, so every stochastic pass would be identical"
             )
     indices = np.asarray(indices, dtype=np.int64)
+    max_rows = batch_size if max_rows is None else max_rows
     stats: MCStatistics | None = None
     for e, model in enumerate(models):
         device = model_device(model)
