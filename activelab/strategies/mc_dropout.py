@@ -48,10 +48,11 @@ class MCParams(StrategyParams):
 class _MCStrategy(Strategy):
     """Top-b of an MC-dropout score over T = E·K stochastic passes.
 
-    Ensembles: the paper's E = 4 are four separately trained models whose votes are pooled. When the
-    experiment runner provides them (``ctx.ensemble_models``, a list of E models) they are used, K passes
-    each. Without them (``activelab.select`` gets one model) E > 1 means E independently seeded families of
-    K dropout masks of the one model, i.e. E·K MC-dropout passes.
+    Ensembles: the paper's E = 4 are four separately trained models whose votes are pooled. The experiment
+    runner trains them (``ensemble_size`` = E; members share the run's initial weights, each with its own
+    classifier head and training seeds) and passes them as ``ctx.ensemble_models``, K passes each. Without
+    them (``activelab.select`` gets one model) E > 1 means E independently seeded families of K dropout masks
+    of the one model, i.e. E·K MC-dropout passes.
 
     Complexity: E·K forward passes over the N candidates; O(N·C) memory (streamed accumulators, never
     N x K x C). Deviation from the authors' code: the ensemble entropy is taken of the averaged probability
@@ -61,6 +62,10 @@ class _MCStrategy(Strategy):
     Params = MCParams
     first_round_random = True
     example_params = {"mc_samples": 3}
+
+    def ensemble_size(self) -> int:
+        """E: the experiment runner trains E models per round and passes them as ``ctx.ensemble_models``."""
+        return self.params.ensemble
 
     @staticmethod
     def score(stats: MCStatistics) -> np.ndarray:
