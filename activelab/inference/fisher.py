@@ -9,13 +9,16 @@ and BAIT:
 - :func:`masked_fisher_gram`: sum_x V_x^T V_x streamed over a set, never storing the V_x.
 - :func:`last_layer_fisher_embeddings`: BAIT's closed form for the classifier weight from one forward pass.
 
-Per-sample, per-class gradients come from ``vmap(jacrev(log_softmax o model))`` over a chunk of samples: one
-batched pass computes the (chunk, C, P) Jacobian that a per-sample loop would need chunk x C backward passes
-for. The model is in eval mode (BatchNorm uses its running statistics, dropout is off).
+Per-sample, per-class gradients come from ``vmap(jacrev(...))`` over a chunk of samples: one batched pass
+instead of chunk x C backward passes of a per-sample loop. The diagonal Fisher needs every entry, so it takes
+the full per-sample Jacobian. The masked embeddings by default take gradients with respect to each masked
+layer's *output* only and form the masked weight entries from them and the layer's saved input, so the
+(chunk, C, P) Jacobian is never built (``method="signals"``; see :func:`iter_masked_fisher_embeddings`). The
+model is in eval mode (BatchNorm uses its running statistics, dropout is off), so samples do not interact.
 
-Memory: one chunk's Jacobian, chunk x C x P_wrt floats, where P_wrt counts the parameter tensors that hold
-masked entries (``chunk_size=None`` picks the chunk from a 256 MiB budget); the embeddings themselves are
-N x C x K float32.
+Memory: one chunk's Jacobian (chunk x C x P_wrt floats; ``chunk_size=None`` picks the chunk from a 256 MiB
+budget), or with signals one chunk's layer-output gradients (chunk x C x the masked layers' output sizes);
+the embeddings themselves are N x C x K float32.
 """
 
 from __future__ import annotations
@@ -66,6 +69,16 @@ def auto_chunk(
     return int(max(1, min(256, budget_bytes // max(1, 3 * per_sample))))
 
 
+def _probe(model: nn.Module, dataset: Dataset, indices: np.ndarray, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The first sample as a batch of one, and the number of classes C read from the model's output on it."""
+    if len(indices) == 0:
+        raise ActivelabError("no samples to differentiate")
+    x, _ = next(iter_batches(dataset, indices[:1], 1))
+    x = x.to(device)
+    with torch.no_grad():
+        return x, int(model(x).shape[-1])
+
+
 def _jacobian_fn(model: nn.Module, names: Sequence[str]):
     """(params_wrt, f) where f(params_wrt, x) = (Jacobians {name: (B, C, *shape)}, log p (B, C))."""
     params = trainable_parameters(model)
@@ -96,14 +109,11 @@ def iter_log_prob_jacobians(
     if not names:
         raise ActivelabError("no parameters to differentiate")
     device = model_device(model)
+    indices = np.asarray(indices, dtype=np.int64)
     with eval_mode(model):
         if chunk_size is None:
-            out_features = None
-            for module in reversed(list(model.modules())):
-                if isinstance(module, nn.Linear):
-                    out_features = module.out_features
-                    break
-            chunk_size = auto_chunk(model, names, out_features or 10)
+            _, num_classes = _probe(model, dataset, indices, device)
+            chunk_size = auto_chunk(model, names, num_classes)
         wrt, jac_fn = _jacobian_fn(model, names)
         for x, _ in iter_batches(dataset, np.asarray(indices, dtype=np.int64), chunk_size):
             jac, logp = jac_fn(wrt, x.to(device))
@@ -295,7 +305,10 @@ def _layer_entries(layer: _SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dic
         g2 = g.reshape(b, c, -1, m.out_features)  # (B, C, T, out)
         if layer.weight is not None:
             rows, cols = layer.weight // m.in_features, layer.weight % m.in_features
-            out["weight"] = _gather_products(g2.transpose(2, 3), a2.transpose(1, 2), rows, cols)
+            if a2.shape[1] == 1:  # the usual case: one input vector per sample, entries g_o * a_j
+                out["weight"] = g2[:, :, 0, rows] * a2[:, 0, cols].unsqueeze(1)
+            else:
+                out["weight"] = _gather_products(g2.transpose(2, 3), a2.transpose(1, 2), rows, cols)
         if layer.bias is not None:
             out["bias"] = g2.sum(2)[:, :, layer.bias]
         return out
@@ -319,34 +332,51 @@ def _layer_entries(layer: _SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dic
     return out
 
 
-def _signal_fn(model: nn.Module, layers: list[_SignalLayer], fallback: list[str]):
-    """f(params, eps, x) -> log p, with a hook adding eps[name] (zeros) to each signal layer's output and saving
-    its input: jacrev w.r.t. eps gives the signals d log p_c / d output, w.r.t. params the fallback gradients."""
-    params = trainable_parameters(model)
-    wrt = {n: params[n].detach() for n in fallback}
-    const = {n: p.detach() for n, p in model.named_parameters() if n not in wrt}
+def _samples_independent(model: nn.Module) -> bool:
+    """In eval mode, is each sample's output a function of that sample alone? Not if a BatchNorm normalises
+    with the statistics of the batch (no running statistics)."""
+    return not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None)
+        for m in model.modules()
+    )
+
+
+def _layer_signals(
+    model: nn.Module, layers: list[_SignalLayer], x: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward pass over the batch with a hook adding a zero tensor (requiring grad) to each signal layer's
+    output and saving its input, then one backward pass per class of sum_b log p(c|x_b) w.r.t. those zeros.
+
+    The parameters are held constant (only the zeros require grad), so each pass computes the gradients w.r.t.
+    the layer outputs and nothing else; as samples do not interact in eval mode, the gradient of the sum at
+    sample b is sample b's own. Returns (log p (B, C), {name: (B, C, *out)}, {name: input (B, *in)})."""
+    const = {n: p.detach() for n, p in model.named_parameters()}
     const.update({n: b.detach() for n, b in model.named_buffers()})
+    eps: dict[str, torch.Tensor] = {}
+    saved: dict[str, torch.Tensor] = {}
 
-    def log_probs(w, eps, x):
-        saved: dict[str, torch.Tensor] = {}
+    def hook(name):
+        def add(_module, inputs, output):
+            saved[name] = inputs[0].detach()
+            eps[name] = torch.zeros_like(output, requires_grad=True)
+            return output + eps[name]
 
-        def hook(name):
-            def add(_module, inputs, output):
-                saved[name] = inputs[0]
-                return output + eps[name]
+        return add
 
-            return add
-
-        handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in layers]
-        try:
-            out = functional_call(model, {**const, **w}, (x.unsqueeze(0),))
-        finally:
-            for h in handles:
-                h.remove()
-        lp = torch.log_softmax(out.float(), dim=-1).squeeze(0)
-        return lp, (lp.detach(), {n: t.detach().squeeze(0) for n, t in saved.items()})
-
-    return wrt, vmap(jacrev(log_probs, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0))
+    handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in layers]
+    try:
+        with torch.enable_grad():
+            lp = torch.log_softmax(functional_call(model, const, (x,)).float(), dim=-1)
+    finally:
+        for h in handles:
+            h.remove()
+    names = [layer.name for layer in layers]
+    per_class = [
+        torch.autograd.grad(lp[:, c].sum(), [eps[n] for n in names], retain_graph=c < lp.shape[1] - 1)
+        for c in range(lp.shape[1])
+    ]
+    signals = {n: torch.stack([g[i] for g in per_class], dim=1) for i, n in enumerate(names)}
+    return lp.detach(), signals, saved
 
 
 def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
@@ -354,25 +384,23 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
     device = model_device(model)
     indices = np.asarray(indices, dtype=np.int64)
     with eval_mode(model):
-        probe, _ = next(iter_batches(dataset, indices[:1], 1))
-        layers, fallback = _plan_signals(model, mask, probe.to(device))
-        wrt, fn = _signal_fn(model, layers, fallback)
-        eps = {layer.name: torch.zeros(layer.out_shape, device=device) for layer in layers}
-        if chunk_size is None:
-            per_sample = sum(int(np.prod(layer.out_shape)) for layer in layers) * 8 + 4 * sum(
-                wrt[n].numel() for n in fallback
-            )
-            chunk_size = int(max(1, min(256, DEFAULT_CHUNK_BYTES // max(1, 3 * 16 * per_sample))))
+        probe, num_classes = _probe(model, dataset, indices, device)
+        layers, fallback = _plan_signals(model, mask, probe)
+        wrt, jac_fn = _jacobian_fn(model, fallback) if fallback else ({}, None)
+        if chunk_size is None:  # per sample: C signals per output and C gradients per fallback entry, float32
+            per_class = sum(int(np.prod(layer.out_shape)) for layer in layers) + sum(wrt[n].numel() for n in fallback)
+            chunk_size = int(max(1, min(64, DEFAULT_CHUNK_BYTES // max(1, 3 * 4 * num_classes * per_class))))
         for x, _ in iter_batches(dataset, indices, chunk_size):
-            (jac_w, jac_eps), (lp, saved) = fn(wrt, eps, x.to(device))
-            blocks: dict[str, torch.Tensor] = {
-                n: jac_w[n].flatten(2)[:, :, idx.to(device)]
-                for n, idx in zip(mask.names, mask.indices, strict=True)
-                if n in jac_w
-            }
+            x = x.to(device)
+            lp, signals, saved = _layer_signals(model, layers, x)
+            blocks: dict[str, torch.Tensor] = {}
+            if jac_fn is not None:
+                jac, _ = jac_fn(wrt, x)
+                for n, idx in zip(mask.names, mask.indices, strict=True):
+                    if n in jac:
+                        blocks[n] = jac[n].flatten(2)[:, :, idx.to(device)]
             for layer in layers:
-                g = jac_eps[layer.name].squeeze(2)  # (B, C, *out) without the unit batch dimension
-                for attr, val in _layer_entries(layer, saved[layer.name], g).items():
+                for attr, val in _layer_entries(layer, saved[layer.name], signals[layer.name]).items():
                     blocks[f"{layer.name}.{attr}"] = val
             yield torch.cat([blocks[n] for n in mask.names], dim=2), lp.exp()
 
@@ -393,14 +421,18 @@ def iter_masked_fisher_embeddings(
     authors' rows, kept to reproduce them).
 
     ``method="signals"`` (default): per-sample, per-class gradients of log p with respect to each masked layer's
-    *output* (``vmap(jacrev)`` w.r.t. a zero tensor a hook adds to the output), and the layer's input; the masked
-    weight entries are then products of the two (Linear: g_o a_j; Conv2d: sum over positions of g_o times the
-    unfolded input; BatchNorm in eval mode: sum of g times the normalised input), so the full per-sample
-    Jacobian (C x P per sample) is never formed. Tensors of other modules (or of modules called more than once)
-    are differentiated directly. ``method="jacobian"``: the full per-sample, per-class Jacobian of every masked
-    tensor, then a gather (simpler, C x P_wrt memory per sample).
+    *output* (one batched backward pass per class w.r.t. a zero tensor a hook adds to the output; samples do not
+    interact in eval mode, so the gradient of the batch sum at a sample is its own), and the layer's input; the
+    masked weight entries are then products of the two (Linear: g_o a_j; Conv2d: sum over positions of g_o
+    times the unfolded input; BatchNorm in eval mode: sum of g times the normalised input), so neither weight
+    gradients nor the per-sample Jacobian (C x P per sample) are ever formed. Tensors of other modules (or of
+    modules called more than once) are differentiated directly with ``vmap(jacrev)``. A model whose BatchNorm
+    uses batch statistics in eval mode gets the Jacobian method. ``method="jacobian"``: the full per-sample,
+    per-class Jacobian of every masked tensor by ``vmap(jacrev)``, then a gather (C x P_wrt memory per sample).
     """
     _check_weighting(weighting)
+    if method == "signals" and not _samples_independent(model):
+        method = "jacobian"  # the signal method sums over the batch; the Jacobian one runs sample by sample
     if method == "signals":
         chunks = _iter_signal_embeddings(model, dataset, indices, mask, chunk_size)
     elif method == "jacobian":
