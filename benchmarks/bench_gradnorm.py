@@ -4,8 +4,8 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_gradnorm.py --model resnet10 --n 256
 
 On a subset of ``--n`` images (Fashion-MNIST 28x28 for LeNet, synthetic 32x32x3 for ResNet-10) and a model
-briefly trained on other images (so that predictions are not uniform), it times, single-threaded, each in a
-fresh subprocess after a warm-up call:
+briefly trained on other images (so that predictions are not uniform), it times, single-threaded, in one
+subprocess after warm-up calls, with the methods interleaved and repeated (the minimum of each is kept):
 
 - one plain forward pass over the subset (logits only, eval mode, batch 512): the unit of the ratios;
 - the batched scores (``entropy_gradient_norms``: functional_call + vmap + grad, chunked), per norm;
@@ -13,8 +13,8 @@ fresh subprocess after a warm-up call:
   subset (on the first ``--loop-n`` samples and scaled to the subset if ``--loop-n`` is smaller: the table
   says so);
 
-and checks that the batched scores equal the loop's (max relative difference). Peak memory: RSS growth of the
-subprocess during the measured call. Target (issue 4): batched >= 20x faster than the loop.
+and checks that the batched scores equal the loop's (max relative difference). Peak memory: RSS growth during
+one scoring of the subset, each in a fresh subprocess. Target (issue 4): batched >= 20x faster than the loop.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
 import time
@@ -36,8 +36,15 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process, so that earlier work is not counted."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
 
 
 def setup(model_name: str, n: int, seed: int = 0):
@@ -73,48 +80,71 @@ def setup(model_name: str, n: int, seed: int = 0):
     return model, data, subset, source
 
 
-def child(args) -> None:
-    """Measure one method in this process and print a JSON line."""
+def child_time(args) -> None:
+    """All timings in this one process, interleaved (forward, batched per norm, loop per norm) and repeated,
+    so that the load of a shared machine hits every method alike; the minimum of each is kept."""
     from activelab.inference.forward import forward_pass
     from activelab.inference.gradients import entropy_gradient_norms, entropy_gradient_norms_loop
 
     torch.set_num_threads(1)
     model, data, subset, source = setup(args.model, args.n)
-    if args.method == "loop":
-        subset = subset[: args.loop_n]
+    norms = args.norms.split(",")
+    loop_subset = subset[: args.loop_n]
+    for norm in norms:  # warm-up (the first torch.func call imports torch._dynamo: seconds)
+        entropy_gradient_norms(model, data, subset[:8], norm=norm, chunk_size=args.chunk)
+        entropy_gradient_norms_loop(model, data, subset[:8], norm=norm)
+    forward_pass(model, data, subset[:8], 512)
+    times: dict[str, list[float]] = {}
+    scores: dict[str, np.ndarray] = {}
 
-    def run():
-        if args.method == "forward":
-            return forward_pass(model, data, subset, 512).logits
-        if args.method == "batched":
-            return entropy_gradient_norms(model, data, subset, norm=args.norm, chunk_size=args.chunk)
-        return entropy_gradient_norms_loop(model, data, subset, norm=args.norm)
-
-    warm = subset[:8]
-    if args.method == "batched":
-        entropy_gradient_norms(model, data, warm, norm=args.norm, chunk_size=args.chunk)
-    elif args.method == "loop":
-        entropy_gradient_norms_loop(model, data, warm, norm=args.norm)
-    else:
-        forward_pass(model, data, warm, 512)
-    base = rss_mb()
-    times = []
-    for _ in range(1 if args.method == "loop" else args.repeats):
+    def timed(key, fn):
         start = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - start)
-    peak = max(0.0, peak_rss_mb() - base)
-    if args.method != "forward":
-        np.save(args.scores_out, out)
+        out = fn()
+        times.setdefault(key, []).append(time.perf_counter() - start)
+        scores[key] = out
+
+    for r in range(args.repeats):
+        timed("forward", lambda: forward_pass(model, data, subset, 512).logits)
+        for norm in norms:
+            timed(
+                f"batched/{norm}",
+                lambda n=norm: entropy_gradient_norms(model, data, subset, norm=n, chunk_size=args.chunk),
+            )
+            if r < args.loop_repeats:
+                timed(f"loop/{norm}", lambda n=norm: entropy_gradient_norms_loop(model, data, loop_subset, norm=n))
+    rel = {}
+    for norm in norms:
+        loop = scores[f"loop/{norm}"]
+        rel[norm] = float(np.max(np.abs(scores[f"batched/{norm}"][: len(loop)] - loop) / np.abs(loop)))
     params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"seconds": min(times), "n": len(subset), "peak_mb": peak, "params": params, "source": source}))
+    result = {"min": {k: min(v) for k, v in times.items()}, "rel": rel, "params": params, "source": source}
+    print(json.dumps(result))
 
 
-def measure(args, method: str, norm: str = "per_tensor_sum", scores_out: str = "") -> dict:
+def child_memory(args) -> None:
+    """Peak RSS growth of one batched scoring of the subset (or of the loop on it), in a fresh process."""
+    from activelab.inference.gradients import entropy_gradient_norms, entropy_gradient_norms_loop
+
+    torch.set_num_threads(1)
+    model, data, subset, _ = setup(args.model, args.n)
+    if args.child == "memory-loop":
+        entropy_gradient_norms_loop(model, data, subset[:8], norm=args.norm)
+        reset_peak_rss()
+        base = rss_mb()
+        entropy_gradient_norms_loop(model, data, subset[: args.loop_n], norm=args.norm)
+    else:
+        entropy_gradient_norms(model, data, subset[:8], norm=args.norm, chunk_size=args.chunk)
+        reset_peak_rss()
+        base = rss_mb()
+        entropy_gradient_norms(model, data, subset, norm=args.norm, chunk_size=args.chunk)
+    print(json.dumps({"peak_mb": max(0.0, peak_rss_mb() - base)}))
+
+
+def run_child(args, mode: str, norm: str = "per_tensor_sum") -> dict:
     cmd = [
-        sys.executable, __file__, "--child", method, "--model", args.model, "--n", str(args.n),
-        "--loop-n", str(args.loop_n), "--norm", norm, "--repeats", str(args.repeats),
-        "--scores-out", scores_out or "/dev/null",
+        sys.executable, __file__, "--child", mode, "--model", args.model, "--n", str(args.n),
+        "--loop-n", str(args.loop_n), "--norm", norm, "--norms", args.norms, "--repeats", str(args.repeats),
+        "--loop-repeats", str(args.loop_repeats),
     ]  # fmt: skip
     if args.chunk:
         cmd += ["--chunk", str(args.chunk)]
@@ -130,46 +160,48 @@ def main() -> None:
     parser.add_argument("--loop-n", type=int, default=None, help="samples the loop runs on (default: all n)")
     parser.add_argument("--chunk", type=int, default=None, help="vmap chunk size (default: automatic)")
     parser.add_argument("--norms", default="per_tensor_sum,global,last_layer")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (minimum kept; loop runs once)")
-    parser.add_argument("--child", choices=["forward", "batched", "loop"], help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of forward and batched (minimum kept)")
+    parser.add_argument("--loop-repeats", type=int, default=2, help="timed repeats of the loop (minimum kept)")
+    parser.add_argument("--child", choices=["time", "memory-batched", "memory-loop"], help=argparse.SUPPRESS)
     parser.add_argument("--norm", default="per_tensor_sum", help=argparse.SUPPRESS)
-    parser.add_argument("--scores-out", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.loop_n = args.n if args.loop_n is None else min(args.loop_n, args.n)
+    args.loop_repeats = max(1, min(args.loop_repeats, args.repeats))
+    if args.child == "time":
+        child_time(args)
+        return
     if args.child:
-        args.method = args.child
-        child(args)
+        child_memory(args)
         return
 
-    import tempfile
-
-    tmp = tempfile.mkdtemp()
-    fwd = measure(args, "forward")
+    res = run_child(args, "time")
+    t = res["min"]
+    fwd = t["forward"]
     print(
-        f"# model {args.model} ({fwd['params']:,} parameters), data {fwd['source']}, subset n = {args.n}, "
-        f"1 thread, chunk {args.chunk or 'auto'}; times are the minimum of {args.repeats} (loop: 1 run)"
+        f"# model {args.model} ({res['params']:,} parameters), data {res['source']}, subset n = {args.n}, 1 thread, "
+        f"vmap chunk {args.chunk or 'auto'}; minimum of {args.repeats} interleaved repeats "
+        f"(loop: {args.loop_repeats})"
     )
-    print(f"# forward pass over the subset: {fwd['seconds']:.3f} s ({1e3 * fwd['seconds'] / args.n:.3f} ms/sample)")
-    header = f"{'norm':<15} {'method':<8} {'samples':>7} {'seconds':>9} {'ms/sample':>10} {'x forward':>10} {'speedup':>8} {'peak MB':>8} {'max rel diff':>12}"  # noqa: E501
+    print(f"# forward pass over the subset (batch 512): {fwd:.3f} s ({1e3 * fwd / args.n:.3f} ms/sample)")
+    header = (
+        f"{'norm':<15} {'method':<8} {'samples':>7} {'seconds':>9} {'ms/sample':>10} {'x forward':>10} "
+        f"{'speedup':>8} {'peak MB':>8} {'max rel diff':>12}"
+    )
     print(header)
     print("-" * len(header))
     for norm in args.norms.split(","):
-        b_path, l_path = os.path.join(tmp, f"b_{norm}.npy"), os.path.join(tmp, f"l_{norm}.npy")
-        batched = measure(args, "batched", norm, b_path)
-        loop = measure(args, "loop", norm, l_path)
-        loop_full = loop["seconds"] * args.n / loop["n"]
-        b_scores, l_scores = np.load(b_path)[: loop["n"]], np.load(l_path)
-        rel = float(np.max(np.abs(b_scores - l_scores) / np.abs(l_scores)))
-        speedup = loop_full / batched["seconds"]
+        batched = t[f"batched/{norm}"]
+        loop = t[f"loop/{norm}"] * args.n / args.loop_n
+        mem_b = run_child(args, "memory-batched", norm)["peak_mb"]
+        mem_l = run_child(args, "memory-loop", norm)["peak_mb"]
         print(
-            f"{norm:<15} {'batched':<8} {args.n:>7} {batched['seconds']:>9.3f} "
-            f"{1e3 * batched['seconds'] / args.n:>10.3f} {batched['seconds'] / fwd['seconds']:>10.2f} "
-            f"{speedup:>7.1f}x {batched['peak_mb']:>8.0f} {rel:>12.2e}"
+            f"{norm:<15} {'batched':<8} {args.n:>7} {batched:>9.3f} {1e3 * batched / args.n:>10.3f} "
+            f"{batched / fwd:>10.2f} {loop / batched:>7.1f}x {mem_b:>8.0f} {res['rel'][norm]:>12.2e}"
         )
-        scaled = "" if loop["n"] == args.n else f"  (measured on {loop['n']}, scaled)"
+        scaled = "" if args.loop_n == args.n else f"  (measured on {args.loop_n}, scaled to {args.n})"
         print(
-            f"{norm:<15} {'loop':<8} {args.n:>7} {loop_full:>9.3f} {1e3 * loop_full / args.n:>10.3f} "
-            f"{loop_full / fwd['seconds']:>10.2f} {'1.0x':>8} {loop['peak_mb']:>8.0f} {'':>12}{scaled}"
+            f"{norm:<15} {'loop':<8} {args.n:>7} {loop:>9.3f} {1e3 * loop / args.n:>10.3f} {loop / fwd:>10.2f} "
+            f"{'1.0x':>8} {mem_l:>8.0f} {'':>12}{scaled}"
         )
         sys.stdout.flush()
 

@@ -11,7 +11,8 @@ LL4AL and LPLgrad (2024).
 
 Deviations from the reference code: the module's learning rate follows the same schedule as the backbone
 (bug fixed); ties of the true losses give sign 0 (the reference counted them as "i is smaller"); an odd batch
-leaves its middle sample unpaired instead of failing an assertion.
+leaves its middle sample unpaired instead of failing an assertion; features are detached from 0-based epoch
+``detach_epoch`` on, i.e. after ``detach_epoch`` full epochs (the reference's ``epoch > 120`` started one later).
 """
 
 from __future__ import annotations
