@@ -169,8 +169,10 @@ def test_sigkill_and_resume_gives_identical_results(tmp_path):
     kills = 0
     target_total = 16
     exp = tmp_path / "killed"
-    for stop_at in (3, 9):  # kill twice, at different points
-        proc = subprocess.Popen([*cmd, str(exp)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for stop_at, workers in ((3, "1"), (9, "2")):  # kill twice, at different points, once with worker processes
+        proc = subprocess.Popen(
+            [*cmd, str(exp), "--workers", workers], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.time() + 120
         while _rounds_done(exp) < stop_at and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
@@ -178,6 +180,10 @@ def test_sigkill_and_resume_gives_identical_results(tmp_path):
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
+        # no orphaned worker goes on writing rounds after its parent was killed
+        settled = _rounds_done(exp)
+        time.sleep(3)
+        assert _rounds_done(exp) == settled
     assert kills >= 1 and _rounds_done(exp) < target_total
     subprocess.run([*cmd, str(exp)], check=True, env=env, capture_output=True)
     assert _rounds_done(exp) == target_total

@@ -10,6 +10,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import os
+import signal
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +43,16 @@ def execute_job(job: Job) -> str | None:
         return f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
 
 
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux, ask the kernel to kill this worker when its parent dies, so that a killed
+    `activelab run` leaves no orphan still writing rounds while a resumed run redoes them."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class Executor:
     def run(self, jobs: Sequence[Job], on_done: Callable[[Job, str | None], None]) -> None:
         raise NotImplementedError
@@ -58,7 +70,7 @@ class LocalExecutor(Executor):
                 on_done(job, execute_job(job))
             return
         ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx) as pool:
+        with cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_die_with_parent) as pool:
             futures = {pool.submit(execute_job, job): job for job in jobs}
             for fut in cf.as_completed(futures):
                 try:
