@@ -72,6 +72,9 @@ def test_run_report_plot_end_to_end(tmp_path):
     # every strategy of a run starts from the same initial labeled set
     r0 = {r.strategy: r.selected.tolist() for r in recs if r.run == 0 and r.round == 0}
     assert r0["random"] == r0["entropy"]
+    # ... and the same round-0 model, so the first acquisition of every strategy starts from one model
+    w = [torch.load(tmp_path / f"exp/models/run1/{k}/round0.pt") for k in ("random", "entropy")]
+    assert all(torch.equal(w[0][name], w[1][name]) for name in w[0])
     runs = store.runs()
     assert runs[0]["minority"] == [5, 6, 7, 8, 9]
     assert not set(runs[0]["pool_indices"]) & set(runs[0]["validation_indices"])
@@ -241,3 +244,22 @@ def test_ensemble_members_are_trained_and_resumed(tmp_path):
         c.execute("DELETE FROM rounds WHERE round = 2")
     assert not run_experiment(cfg_path, tmp_path / "exp", progress=False).failed
     assert snapshot(tmp_path / "exp") == before  # members reloaded from their checkpoints on resume
+
+
+def test_class_subset_with_counts_bias(tmp_path):
+    cfg = {
+        **TINY,
+        "dataset": {"name": "digits", "classes": [3, 1, 4, 0]},
+        "bias": {"kind": "counts", "counts": {0: 20, 1: 100, 2: 20, 3: 20}},
+        "validation": {"per_class": 5},
+        "loop": {**TINY["loop"], "runs": 1, "rounds": 1},
+        "strategies": [{"name": "margin"}],
+    }
+    assert not run_experiment(write_config(tmp_path / "c.yaml", cfg), tmp_path / "exp", progress=False).failed
+    _, store = load_experiment(tmp_path / "exp")
+    info = store.runs()[0]
+    assert info["class_counts"] == {0: 20, 1: 100, 2: 20, 3: 20}
+    assert info["minority"] == [0, 2, 3]
+    rec = store.rounds(strategy="margin")[-1]
+    assert len(rec.per_class_recall) == 4 and len(rec.test_predictions) == 200  # 50 test images per class
+    store.close()

@@ -39,7 +39,7 @@ def _member_model(cfg, data, trainer, init_state, seed, run, label, j, device):
     from ..models import replace_classifier
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(torch_seed(seed, run, label, "trainer-modules", *(("member", j) if j else ())))
+        torch.manual_seed(torch_seed(seed, run, "trainer-modules", trainer.name, *(("member", j) if j else ())))
         model = new_model(cfg, data)
         trainer.prepare(model)
         model.load_state_dict(init_state, strict=False)
@@ -131,7 +131,10 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
         for j, member in enumerate(members):
             if cfg.train.restart == "reinit":
                 member.load_state_dict(init_states[j])
-            keys = (run, label, round_) if j == 0 else (run, label, round_, "member", j)
+            # Round 0 trains on the shared initial set with seeds that leave out the strategy, so every strategy
+            # (with the same trainer) starts the first acquisition from the same model.
+            owner = "round0" if round_ == 0 else label
+            keys = (run, owner, round_) if j == 0 else (run, owner, round_, "member", j)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(torch_seed(seed, *keys, "train-torch"))
                 results.append(

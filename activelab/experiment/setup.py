@@ -41,8 +41,14 @@ class RunData:
     image_size: int
 
 
-@functools.lru_cache(maxsize=4)
 def load_data(cfg: DatasetConfig) -> tuple[Dataset, Dataset]:
+    """The (train, test) splits of a dataset config, restricted to its classes; cached per process."""
+    return _load_data(cfg.model_dump_json())
+
+
+@functools.lru_cache(maxsize=4)
+def _load_data(cfg_json: str) -> tuple[Dataset, Dataset]:
+    cfg = DatasetConfig.model_validate_json(cfg_json)
     train = load_split(cfg.name, "train", root=cfg.root, download=cfg.download)
     test = load_split(cfg.name, "test", root=cfg.root, download=cfg.download)
     if cfg.classes:
