@@ -18,11 +18,16 @@ from .base import Strategy, StrategyParams, register
 from .gradnorm import candidate_subset
 
 #: Rows x columns of one block of the candidate-to-labeled distance matrix.
-BLOCK_ELEMENTS = 2**22
+BLOCK_ELEMENTS = 2**20
 
 
-def _squared_norms(x: torch.Tensor) -> torch.Tensor:
-    return (x * x).sum(dim=1)
+def _squared_norms(x: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+    """(N,) squared row norms, in row blocks (no N x d temporary)."""
+    out = torch.empty(len(x), dtype=x.dtype)
+    for r in range(0, len(x), rows):
+        block = x[r : r + rows]
+        out[r : r + rows] = (block * block).sum(dim=1)
+    return out
 
 
 def min_sq_distances(points: torch.Tensor, centers: torch.Tensor, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
