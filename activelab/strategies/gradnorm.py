@@ -40,6 +40,7 @@ class GradNormParams(StrategyParams):
 
 class _GradNormBase(Strategy):
     Params = GradNormParams
+    first_round_random = True  # with no labels, an untrained model's entropy gradients are not informative
     example_params = {"subset": 40, "chunk_size": 16}
 
     def query(self, ctx, budget, rng):

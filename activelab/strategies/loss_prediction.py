@@ -26,6 +26,7 @@ class LL4AL(Strategy):
 
     name = "ll4al"
     training = "loss_prediction"
+    first_round_random = True  # with no labels, the module has never been trained
     Params = LL4ALParams
     example_params = {"subset": 40}
 
