@@ -62,8 +62,9 @@ def plot_learning_curves(
         if others:
             best, best_key = min(others)
             saved = 1 - mine / best
+            verdict = f"{100 * abs(saved):.0f}% {'fewer' if saved >= 0 else 'more'} labels than {best_key}"
             ax.annotate(
-                f"{100 * saved:.0f}% fewer labels than {best_key}\nat {100 * target:.0f}% accuracy",
+                f"{highlight}: {verdict}\nat {100 * target:.0f}% accuracy",
                 xy=(mine, 100 * target),
                 xytext=(0.45, 0.15),
                 textcoords="axes fraction",
