@@ -86,9 +86,10 @@ def _load_all() -> None:
 
 
 def available_strategies() -> list[str]:
-    """Names accepted by :func:`activelab.select` and by experiment configs, sorted."""
+    """Names accepted by :func:`activelab.select` and by experiment configs, sorted. Names starting with an
+    underscore (strategies registered by tests or experiments of one's own) still work but are not listed."""
     _load_all()
-    return sorted(_REGISTRY)
+    return sorted(name for name in _REGISTRY if not name.startswith("_"))
 
 
 def get_strategy(name: str) -> type[Strategy]:
@@ -96,9 +97,7 @@ def get_strategy(name: str) -> type[Strategy]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ActivelabError(
-            f"unknown strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+        raise ActivelabError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}") from None
 
 
 def parse_params(cls: type[Strategy], params: dict) -> StrategyParams:
