@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
 from .forward import eval_mode, model_device
-from .modules import named_module
+from .modules import TapCapture
 
 
 @dataclass
@@ -74,47 +74,6 @@ def pool_activation(act: torch.Tensor) -> torch.Tensor:
     if act.ndim < 2:
         raise ActivelabError(f"a tapped activation must have a batch and a channel dimension; got {act.shape}")
     return act if act.ndim == 2 else act.flatten(2).mean(dim=2)
-
-
-class _Taps:
-    """Forward hooks that keep the tapped activations of the current batch (in tap order)."""
-
-    def __init__(self, model: nn.Module, taps: Sequence[str]) -> None:
-        self.names = list(taps)
-        self.acts: dict[str, torch.Tensor] = {}
-        self.handles = []
-        for name in self.names:
-            module = named_module(model, name)
-            self.handles.append(module.register_forward_hook(self._hook(name)))
-
-    def _hook(self, name: str):
-        def hook(_module, _inputs, output):
-            if not isinstance(output, torch.Tensor):
-                raise ActivelabError(f"tap {name!r} returns {type(output).__name__}, not a tensor; tap another layer")
-            if name in self.acts:
-                raise ActivelabError(f"tap {name!r} is called twice in one forward pass; tap a layer used once")
-            self.acts[name] = output
-
-        return hook
-
-    def take(self) -> list[torch.Tensor]:
-        missing = [n for n in self.names if n not in self.acts]
-        if missing:
-            raise ActivelabError(f"taps {missing} were not run by the model's forward pass; choose other taps")
-        acts = [self.acts[n] for n in self.names]
-        self.acts = {}
-        return acts
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def __enter__(self) -> _Taps:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _resolve_labels(spec: LabelSpec, state: BatchState, device: torch.device) -> torch.Tensor:
@@ -162,7 +121,7 @@ def compute_descriptors(
     s_out = {name: np.empty(n, np.int64) for name in labels}
     sizes: list[int] | None = None
     start = 0
-    with eval_mode(model), _Taps(model, taps) as hooks, torch.set_grad_enabled(bool(labels)):
+    with eval_mode(model), TapCapture(model, taps) as hooks, torch.set_grad_enabled(bool(labels)):
         for x, _ in iter_batches(dataset, indices, batch_size):
             x = x.to(device)
             if labels:
@@ -285,7 +244,7 @@ def perturbed_class_scores(
     # images per block so that block x copies rows stay under max_rows
     per_block = max(1, min(batch_size, max_rows // copies))
     out: list[torch.Tensor] = []
-    with eval_mode(model), _Taps(model, taps) as hooks:
+    with eval_mode(model), TapCapture(model, taps) as hooks:
         for x, _ in iter_batches(dataset, indices, per_block):
             b = len(x)
             angles = torch.randn(copies, b, generator=generator) * sigma

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from ..errors import ActivelabError
@@ -47,3 +48,44 @@ def tap_names(model: nn.Module, taps: Sequence[str] | None = None, strategy: str
     for name in taps:
         named_module(model, name)
     return list(taps)
+
+
+class TapCapture:
+    """Forward hooks that keep the tapped activations of the current batch (in tap order)."""
+
+    def __init__(self, model: nn.Module, taps: Sequence[str]) -> None:
+        self.names = list(taps)
+        self.acts: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name in self.names:
+            module = named_module(model, name)
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(_module, _inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise ActivelabError(f"tap {name!r} returns {type(output).__name__}, not a tensor; tap another layer")
+            if name in self.acts:
+                raise ActivelabError(f"tap {name!r} is called twice in one forward pass; tap a layer used once")
+            self.acts[name] = output
+
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        missing = [n for n in self.names if n not in self.acts]
+        if missing:
+            raise ActivelabError(f"taps {missing} were not run by the model's forward pass; choose other taps")
+        acts = [self.acts[n] for n in self.names]
+        self.acts = {}
+        return acts
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self) -> TapCapture:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -28,10 +28,9 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
-from ..inference.descriptors import _Taps as TapCapture
 from ..inference.descriptors import pool_activation
 from ..inference.forward import eval_mode, model_device
-from ..inference.modules import classifier_name, named_module
+from ..inference.modules import TapCapture, classifier_name, named_module
 from .base import TrainResult
 from .supervised import StandardTrainer
 
