@@ -76,6 +76,7 @@ def report(exp_dir, as_json, target) -> None:
 @click.option("--strategies", help="comma-separated strategy keys (default: all)")
 @click.option("--target", type=float, default=None, help="annotate labels saved at this accuracy (0-1)")
 @click.option("--highlight", default=None, help="the strategy whose label savings are annotated")
+@click.option("--versus", default=None, help="comma-separated strategies --highlight is compared with (default: all)")
 @click.option("--reference", type=float, default=None, help="whole-pool accuracy line (0-1)")
 @click.option("--confusion", "confusion_round", type=int, default=None, help="confusion matrices at ROUND")
 @click.option("--tsne", "tsne_round", type=int, default=None, help="t-SNE of the test set at ROUND")
@@ -88,6 +89,7 @@ def plot(
     strategies,
     target,
     highlight,
+    versus,
     reference,
     confusion_round,
     tsne_round,
@@ -104,6 +106,7 @@ def plot(
         strategies=strategies.split(",") if strategies else None,
         target=target,
         highlight=highlight,
+        versus=versus.split(",") if versus else None,
         reference=reference,
         confusion_round=confusion_round,
         tsne_round=tsne_round,

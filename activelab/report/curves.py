@@ -24,18 +24,19 @@ def plot_learning_curves(
     target: float | None = None,
     highlight: str | None = None,
     strategies: Sequence[str] | None = None,
+    versus: Sequence[str] | None = None,
 ) -> list[Path]:
     """Draw one line per strategy with a ±1 std band; write ``path`` as PNG and PDF; return the files.
 
     - ``pool_size``: adds a top axis with the labeled fraction of the pool (%).
     - ``reference``: a horizontal line at the whole-pool accuracy.
     - ``target`` + ``highlight``: annotate the labels ``highlight`` saves at ``target`` accuracy relative to
-      the best other strategy that reaches it.
+      the best strategy of ``versus`` (default: every other strategy) that reaches it.
     Rounds that no run completed are left out of a line (never drawn as zero); a strategy with failed runs says
       so in its legend entry.
     """
     keys = list(strategies) if strategies else list(summaries)
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     for key in keys:
         s = summaries[key]
         x = np.array(s.labels, float)
@@ -55,9 +56,8 @@ def plot_learning_curves(
         ax.axhline(100 * reference, color="black", ls="--", lw=1, label=f"whole pool ({100 * reference:.1f}%)")
     if target is not None and highlight in summaries and summaries[highlight].labels_to_target is not None:
         mine = summaries[highlight].labels_to_target
-        others = [
-            (s.labels_to_target, k) for k, s in summaries.items() if k != highlight and s.labels_to_target is not None
-        ]
+        pool = versus if versus else [k for k in summaries if k != highlight]
+        others = [(summaries[k].labels_to_target, k) for k in pool if summaries[k].labels_to_target is not None]
         ax.axhline(100 * target, color="grey", ls=":", lw=1)
         if others:
             best, best_key = min(others)
@@ -79,7 +79,7 @@ def plot_learning_curves(
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ def draw_figures(
     strategies: Sequence[str] | None = None,
     target: float | None = None,
     highlight: str | None = None,
+    versus: Sequence[str] | None = None,
     reference: float | None = None,
     confusion_round: int | None = None,
     tsne_round: int | None = None,
@@ -32,8 +33,8 @@ def draw_figures(
     out_dir = Path(out) if out else exp_dir / "figures"
     try:
         summaries = summarize(cfg, store, target)
-        if strategies:
-            unknown = [s for s in strategies if s not in summaries]
+        for named in (strategies, versus, [highlight] if highlight else None):
+            unknown = [s for s in named or [] if s not in summaries]
             if unknown:
                 raise ActivelabError(f"unknown strategies {unknown}; this experiment has: {', '.join(summaries)}")
         runs = store.runs()
@@ -48,6 +49,7 @@ def draw_figures(
             target=target,
             highlight=highlight,
             strategies=strategies,
+            versus=versus,
         )
         keys = list(strategies) if strategies else list(summaries)
         if confusion_round is not None:

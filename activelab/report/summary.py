@@ -153,9 +153,7 @@ def report_text(cfg: ExperimentConfig, summaries: dict[str, StrategySummary]) ->
     lines = [f"experiment {cfg.name}: {cfg.loop.runs} runs x {cfg.loop.rounds} rounds, budget {cfg.loop.budget}"]
     target = cfg.loop.target_accuracy
     target_col = "labels@" + (_fmt(target, digits=0) + "%" if target else "—")
-    header = (
-        f"{'strategy':<28} {'runs':>5} {'AUBC':>11} {target_col:>10} {'vs random':>9} {'minority rec. (last)':>20}"
-    )
+    header = f"{'strategy':<28} {'runs':>5} {'AUBC':>11} {target_col:>10} {'vs random':>9} {'minority rec. (last)':>20}"
     lines += ["", header, "-" * len(header)]
     for key, s in summaries.items():
         status = f"{s.runs}"
