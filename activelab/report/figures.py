@@ -97,7 +97,7 @@ def _tsne(exp_dir, cfg, store, keys, round_, run, space, samples, out_dir) -> li
     from .tsne import plot_tsne
 
     _, test = load_data(cfg.dataset)
-    y_true, _ = _test_labels(cfg)
+    y_true, class_names = _test_labels(cfg)
     idx = np.sort(np.random.default_rng(0).choice(len(y_true), min(samples, len(y_true)), replace=False))
     data = prepare_run(cfg, run)
     files: list[Path] = []
@@ -127,5 +127,6 @@ def _tsne(exp_dir, cfg, store, keys, round_, run, space, samples, out_dir) -> li
             out_dir / f"tsne_{key}_round{round_}_run{run}",
             seed=0,
             title=f"{key}, round {round_}",
+            class_names=class_names,
         )
     return files
