@@ -50,6 +50,10 @@ def from_blob(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(blob), allow_pickle=False)
 
 
+_JSON_COLUMNS = ("per_class_recall", "labeled_per_class", "info")
+_ARRAY_COLUMNS = ("selected", "test_predictions")
+
+
 @dataclass
 class RoundRecord:
     run: int
@@ -183,48 +187,16 @@ class Store:
             query += " AND strategy = ?"
             args.append(strategy)
         query += " ORDER BY strategy, run, round"
+        cursor = self.conn.execute(query, args)
+        names = [column[0] for column in cursor.description]
         out = []
-        for row in self.conn.execute(query, args):
-            (
-                run_,
-                strat,
-                rnd,
-                n_lab,
-                acc,
-                bal,
-                mino,
-                pcr,
-                lpc,
-                sel_s,
-                tr_s,
-                ev_s,
-                ep,
-                val,
-                info,
-                sel,
-                pred,
-            ) = row
-            out.append(
-                RoundRecord(
-                    run_,
-                    strat,
-                    rnd,
-                    n_lab,
-                    acc,
-                    bal,
-                    mino,
-                    json.loads(pcr),
-                    json.loads(lpc),
-                    sel_s,
-                    tr_s,
-                    ev_s,
-                    ep,
-                    val,
-                    from_blob(sel),
-                    from_blob(pred),
-                    json.loads(info),
-                )
-            )
+        for values in cursor:
+            row = dict(zip(names, values))
+            for key in _JSON_COLUMNS:
+                row[key] = json.loads(row[key])
+            for key in _ARRAY_COLUMNS:
+                row[key] = from_blob(row[key])
+            out.append(RoundRecord(**row))
         return out
 
     def last_round(self, run: int, strategy: str) -> int | None:
