@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _measure import write_results
 
 from activelab.strategies.badge import badge_factors, kmeans_pp_dense, kmeans_pp_factorised, materialise
 
@@ -106,9 +107,7 @@ def main() -> None:
         f"inputs held by both: a {a.nbytes / 2**20:.0f} MiB + h {h.nbytes / 2**20:.0f} MiB",
     ]
     text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    write_results(text, args.out)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _measure import write_results
 
 from activelab.strategies.bait import _gram_sum, bait_core, bait_select_reference
 
@@ -125,9 +126,7 @@ def main() -> None:
         f"{c_sfast:.2f} s, identical batch and order: {bool(np.array_equal(small_ref, small_fast.positions))}",
     ]
     text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    write_results(text, args.out)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _measure import write_results
 
 from activelab.api import run_strategy
 from activelab.data.arrays import ArrayDataset
@@ -190,9 +191,7 @@ def main() -> None:
             note = ", ".join(f"{k.split('_', 1)[1]}={v}" for k, v in info.items() if "counts" not in k)
             lines.append(f"{name:<34}{t:>10.2f}{t / t_fwd:>11.1f}  {note}")
     text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    write_results(text, args.out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 import torch
+from _measure import rss_mb
 
 
 def load_data(pool_size: int, val_size: int, synthetic: bool):
@@ -95,11 +96,6 @@ def naive_kcenter(x: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
         worst[chosen] = torch.inf
         chosen.append(int(torch.argmin(worst)))
     return chosen
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 class PeakRSS:

@@ -1,0 +1,36 @@
+"""Helpers shared by the benchmark scripts: resident-memory readings (Linux /proc) and saving a result table.
+
+The scripts run as ``python benchmarks/bench_*.py``, so this folder is on ``sys.path`` and they import this
+module as ``_measure``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+
+def rss_mb() -> float:
+    """The current resident set size of this process, in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process, so that earlier work is not counted."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mb() -> float:
+    """The peak resident set size (VmHWM) since the process started or since :func:`reset_peak_rss`, in MiB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def write_results(text: str, out: str | Path) -> None:
+    """Print a result table and save it to ``out``."""
+    print(text)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text + "\n")
