@@ -203,9 +203,7 @@ def test_on_digits_labels():
     assert minority_classes(pool_class_counts(labels, pool)) == [5, 6, 7, 8, 9]
     # FisherMask-style: restrict to classes 0-3, then exact counts
     four = restrict_classes(train, [0, 1, 2, 3])
-    idx = biased_pool_indices(
-        four.targets, BiasConfig(kind="counts", counts={0: 10, 1: 100, 2: 10, 3: 10}), rng
-    )
+    idx = biased_pool_indices(four.targets, BiasConfig(kind="counts", counts={0: 10, 1: 100, 2: 10, 3: 10}), rng)
     assert class_counts(four.targets, idx, 4) == [10, 100, 10, 10]
     assert minority_classes(pool_class_counts(four.targets, idx)) == [0, 2, 3]
     tail = biased_pool_indices(labels[rest], BiasConfig(kind="long_tail", ratio=10), rng)

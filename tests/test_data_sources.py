@@ -224,9 +224,7 @@ def test_imagenet_folders(tmp_path):
     assert train.classes == ["n001", "n002"] and list(train.targets) == [0, 1, 1]
     x, y = train[0]
     assert x.shape == (3, 224, 224) and y == 0
-    green = (torch.tensor([0.0, 1.0, 0.0]) - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor(
-        [0.229, 0.224, 0.225]
-    )
+    green = (torch.tensor([0.0, 1.0, 0.0]) - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     assert torch.allclose(x[:, 100, 100], green, atol=1e-5)
     val = load_split("imagenet", "test", root=str(tmp_path), download=False)
     assert val.classes == ["n001", "n002"] and list(val.targets) == [1]  # n001 empty: indices still aligned
@@ -247,9 +245,7 @@ def test_imagenet_missing_is_not_downloaded(tmp_path):
 
 
 def test_missing_dataset_names_files_and_folders(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        sources, "download_url", lambda *a, **k: pytest.fail("download: false must not download")
-    )
+    monkeypatch.setattr(sources, "download_url", lambda *a, **k: pytest.fail("download: false must not download"))
     root = tmp_path / "nowhere"
     with pytest.raises(DatasetNotFoundError) as info:
         load_split("mnist", "train", root=str(root), download=False)
@@ -357,9 +353,7 @@ def test_dataset_status(tmp_path):
     assert set(rows) == {"digits", "mnist", "fashion_mnist", "svhn", "svhn_full", "cifar10", "imagenet"}
     for r in rows.values():
         assert set(r) == {"name", "available", "location", "note"}
-    assert (
-        rows["digits"]["available"] and not rows["mnist"]["available"] and rows["mnist"]["location"] is None
-    )
+    assert rows["digits"]["available"] and not rows["mnist"]["available"] and rows["mnist"]["location"] is None
     assert "train-images-idx3-ubyte.gz" in rows["mnist"]["note"]
     cache = tmp_path / "xdg" / "activelab" / "mnist"
     write_mnist(cache)

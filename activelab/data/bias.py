@@ -52,9 +52,7 @@ def biased_pool_indices(labels: np.ndarray, cfg: BiasConfig, rng: np.random.Gene
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
-def pool_class_counts(
-    labels: np.ndarray, indices: np.ndarray, num_classes: int | None = None
-) -> dict[int, int]:
+def pool_class_counts(labels: np.ndarray, indices: np.ndarray, num_classes: int | None = None) -> dict[int, int]:
     """Images per class in ``labels[indices]``.
 
     The keys are every class present in ``labels`` (so a class that the pool lost entirely counts 0), or
@@ -131,8 +129,7 @@ def _long_tail(labels: np.ndarray, cfg: BiasConfig, rng: np.random.Generator) ->
     classes, available = np.unique(labels, return_counts=True)
     targets = long_tail_counts(len(classes), int(available.min()), cfg.ratio)
     parts = [
-        rng.choice(np.flatnonzero(labels == c), size=t, replace=False)
-        for c, t in zip(classes, targets, strict=True)
+        rng.choice(np.flatnonzero(labels == c), size=t, replace=False) for c, t in zip(classes, targets, strict=True)
     ]
     return np.concatenate(parts)
 

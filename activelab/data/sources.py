@@ -73,9 +73,7 @@ class Source:
     """Finds, downloads and parses one dataset. Subclasses define the files and the parser."""
 
     name: str = ""
-    folders: tuple[
-        str, ...
-    ] = ()  # folder names searched under each base folder; the first receives downloads
+    folders: tuple[str, ...] = ()  # folder names searched under each base folder; the first receives downloads
     subdirs: tuple[str, ...] = ("",)  # where inside a found folder the files may sit
     remotes: tuple[Remote, ...] = ()
     files_note: str = ""  # shown after the expected file names, e.g. "(plain files work too)"
@@ -127,9 +125,7 @@ class Source:
             if not download:
                 raise self.not_found(split, root, "Downloading is disabled (download: false).")
             if not self.remotes:
-                raise self.not_found(
-                    split, root, f"{self.name} cannot be downloaded automatically. {self.no_download}"
-                )
+                raise self.not_found(split, root, f"{self.name} cannot be downloaded automatically. {self.no_download}")
             target = self.download_dir(root)
             created = not target.exists()
             try:
@@ -245,8 +241,7 @@ class IdxSource(Source):
         self.name, self.folders, self.classes = name, tuple(folders), list(classes)
         self.mean, self.std = [mean], [std]
         self.remotes = tuple(
-            Remote(fname, tuple(m + fname for m in tv_class.mirrors), md5)
-            for fname, md5 in tv_class.resources
+            Remote(fname, tuple(m + fname for m in tv_class.mirrors), md5) for fname, md5 in tv_class.resources
         )
 
     def files(self, split: Split) -> list[str]:
@@ -357,9 +352,7 @@ class SvhnSource(Source):
             ys.append(np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10)  # label 10 means digit 0
             start += n
             del mat
-        return ArrayDataset(
-            torch.from_numpy(x), np.concatenate(ys), self.mean, self.std, _digit_names(), self.name
-        )
+        return ArrayDataset(torch.from_numpy(x), np.concatenate(ys), self.mean, self.std, _digit_names(), self.name)
 
 
 # --- scikit-learn digits --------------------------------------------------------------------------
@@ -455,9 +448,7 @@ class ImageNetSource(Source):
     name = "imagenet"
     folders = ("imagenet", "ILSVRC2012")
     no_download = "ILSVRC-2012 needs registration at https://image-net.org; get it there."
-    files_note = (
-        "(one folder per class, e.g. train/n01440764/*.JPEG; val/ sorted into the same class folders)"
-    )
+    files_note = "(one folder per class, e.g. train/n01440764/*.JPEG; val/ sorted into the same class folders)"
 
     def files(self, split: Split) -> list[str]:
         return ["train/<class>/*.JPEG"] if split == "train" else ["val/<class>/*.JPEG"]

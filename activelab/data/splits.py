@@ -19,9 +19,7 @@ from ..errors import ActivelabError
 from .arrays import ArrayDataset, dataset_labels
 
 
-def carve_validation(
-    labels: np.ndarray, per_class: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def carve_validation(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Split ``labels`` into a class-balanced validation set and the rest.
 
     Every class present in ``labels`` gives exactly ``per_class`` indices, drawn uniformly without
@@ -55,9 +53,7 @@ class ClassSubset(Dataset):
     Exposes ``targets`` (the mapped labels, numpy int64), ``classes`` and ``indices`` (into the parent).
     """
 
-    def __init__(
-        self, dataset: Dataset, indices: np.ndarray, mapping: dict[int, int], classes: list[str]
-    ) -> None:
+    def __init__(self, dataset: Dataset, indices: np.ndarray, mapping: dict[int, int], classes: list[str]) -> None:
         self.dataset = dataset
         self.indices = np.asarray(indices, dtype=np.int64)
         self.mapping = dict(mapping)

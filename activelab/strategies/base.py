@@ -105,9 +105,7 @@ def parse_params(cls: type[Strategy], params: dict) -> StrategyParams:
         return cls.Params(**params)
     except ValidationError as exc:
         valid = ", ".join(cls.Params.model_fields) or "(none)"
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}" for err in exc.errors())
         raise ActivelabError(
             f"bad parameters for strategy {cls.name!r}: {problems}. Valid parameters: {valid}"
         ) from None
