@@ -10,4 +10,5 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -
 fi
 venv="$(bash scripts/setup.sh test | tail -n 1)"
 "$venv/bin/ruff" check activelab tests benchmarks
+"$venv/bin/ruff" format --check activelab tests benchmarks
 "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
