@@ -16,6 +16,12 @@ if ! "$py" -c "import torch, torchvision" >/dev/null 2>&1; then
 fi
 spec="$repo"
 [ -n "$extras" ] && spec="$repo[$extras]"
-"$py" -m pip install -q -e "$spec" 2>&1 | grep -v "^WARNING: Location" || true
-"$py" -c "import activelab" # fail loudly if the install did not work
+log="$(mktemp)"
+if ! "$py" -m pip install -q -e "$spec" >"$log" 2>&1; then
+    cat "$log" >&2
+    exit 1
+fi
+grep -v "^WARNING: Location" "$log" >&2 || true
+rm -f "$log"
+"$py" -c "import activelab, sklearn, pydantic, click, matplotlib"  # fail loudly if the install did not work
 echo "$venv"
