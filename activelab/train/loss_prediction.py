@@ -31,7 +31,6 @@ from ..errors import ActivelabError
 from ..inference.descriptors import pool_activation
 from ..inference.forward import eval_mode, model_device
 from ..inference.modules import TapCapture, classifier_name, named_module
-from .base import TrainResult
 from .supervised import StandardTrainer
 
 if TYPE_CHECKING:
@@ -226,25 +225,6 @@ class LossPredictionTrainer(StandardTrainer):
     def training_loss(self, model, x, y, epoch, cfg):
         ce, lpl, logits = joint_loss(model, x, y, epoch, cfg)
         return ce + cfg.loss_weight * lpl, logits
-
-    def fit(
-        self,
-        model: nn.Module,
-        dataset: Dataset,
-        indices: np.ndarray,
-        cfg: TrainConfig,
-        *,
-        generator: torch.Generator,
-        validation: tuple[Dataset, np.ndarray] | None = None,
-        device: torch.device | str = "cpu",
-        progress: bool = False,
-    ) -> TrainResult:
-        """:meth:`StandardTrainer.fit` after ``prepare`` (a no-op if the model is already prepared)."""
-        self.prepare(model)
-        return super().fit(
-            model, dataset, indices, cfg, generator=generator, validation=validation, device=device,
-            progress=progress,
-        )  # fmt: skip
 
 
 def joint_loss(

@@ -156,6 +156,7 @@ class StandardTrainer:
             val_dataset, val_idx = validation[0], _as_indices(validation[1], "validation")
             if len(val_idx) == 0:
                 raise ActivelabError("the validation set is empty: carve a validation split first")
+        self.prepare(model)  # idempotent: trainers that attach heads do it here if the caller did not
         device = torch.device(device)
         model.to(device)
         optimizer = build_optimizer(self.parameters(model), cfg)
