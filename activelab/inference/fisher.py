@@ -274,18 +274,22 @@ def _gather_products(g: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, cols:
     """out[b, c, k] = sum_l g[b, c, rows[k], l] * u[b, cols[k], l].
 
     With l > 1 (convolutions: l runs over output positions) the entries are grouped by row, one batched matrix
-    product per distinct row (output channel); with l = 1 (linear layers) a gathered elementwise product, in
-    blocks of k so that memory stays bounded."""
+    product per distinct row (output channel), or, when at least a quarter of all (row, col) pairs is wanted,
+    every product in one matrix product followed by a gather; with l = 1 (linear layers) a gathered elementwise
+    product, in blocks of k so that memory stays bounded."""
     if g.shape[-1] > 1:
-        result = g.new_empty((g.shape[0], g.shape[1], len(rows)))
+        b, c, n_rows, n_pos = g.shape
+        if 4 * len(rows) >= n_rows * u.shape[1]:  # a dense mask: all products in one matmul, then a gather
+            full = torch.matmul(g.reshape(b, c * n_rows, n_pos), u.transpose(1, 2)).reshape(b, c, -1)
+            return full[:, :, rows * u.shape[1] + cols]
         order = torch.argsort(rows, stable=True)
         distinct, counts = torch.unique_consecutive(rows[order], return_counts=True)
-        start = 0
+        u_sorted = u[:, cols[order], :]  # (B, k, L), grouped by row: each group is a contiguous slice
+        blocks, start = [], 0
         for r, n in zip(distinct.tolist(), counts.tolist(), strict=True):
-            ks = order[start : start + n]
-            result[:, :, ks] = torch.matmul(g[:, :, r, :], u[:, cols[ks], :].transpose(1, 2))
+            blocks.append(torch.matmul(g[:, :, r, :], u_sorted[:, start : start + n, :].transpose(1, 2)))
             start += n
-        return result
+        return torch.cat(blocks, dim=2)[:, :, torch.argsort(order)]
     out = []
     step = max(1, int(2**22 // max(1, g.shape[0] * g.shape[1] * g.shape[-1])))
     for s in range(0, len(rows), step):
@@ -471,14 +475,15 @@ def masked_fisher_embeddings(
     n = len(indices)
     if n == 0:
         raise ActivelabError("no samples to embed")
-    out: np.ndarray | None = None
+    out: torch.Tensor | None = None
     start = 0
     for chunk in iter_masked_fisher_embeddings(model, dataset, indices, mask, weighting, chunk_size, method):
         if out is None:  # allocated once C is known: no second copy of the N x C x K output
-            out = np.empty((n, chunk.shape[1], mask.size), dtype=np.float32)
-        out[start : start + len(chunk)] = chunk.numpy()
+            # a torch allocation: its first-touch cost is several times lower than numpy's here
+            out = torch.empty((n, chunk.shape[1], mask.size), dtype=torch.float32)
+        out[start : start + len(chunk)] = chunk
         start += len(chunk)
-    return out
+    return out.numpy()
 
 
 def masked_fisher_gram(
