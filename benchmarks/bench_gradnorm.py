@@ -1,4 +1,4 @@
-"""Entropy-gradient-norm query (gradnorm / lplgrad): batched torch.func scores vs the per-sample loop (issue 4).
+"""Entropy-gradient-norm query (gradnorm / lplgrad): batched scores vs the per-sample loop (issue 4).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_gradnorm.py | tee benchmarks/results/bench_gradnorm.txt
     OMP_NUM_THREADS=1 python benchmarks/bench_gradnorm.py --model resnet10 --n 256
@@ -8,13 +8,17 @@ briefly trained on other images (so that predictions are not uniform), it times,
 subprocess after warm-up calls, with the methods interleaved and repeated (the minimum of each is kept):
 
 - one plain forward pass over the subset (logits only, eval mode, batch 512): the unit of the ratios;
-- the batched scores (``entropy_gradient_norms``: functional_call + vmap + grad, chunked), per norm;
+- the batched scores (``entropy_gradient_norms``), per norm, by each method: ``signals`` (the default: one
+  forward and one backward pass per chunk for the layer signals, per-layer norms from inputs and signals) and
+  ``vmap`` (torch.func per-sample gradients);
 - the one-sample-at-a-time autograd loop (``entropy_gradient_norms_loop``: the authors' way) on the same
   subset (on the first ``--loop-n`` samples and scaled to the subset if ``--loop-n`` is smaller: the table
   says so);
 
 and checks that the batched scores equal the loop's (max relative difference). Peak memory: RSS growth during
 one scoring of the subset, each in a fresh subprocess. Target (issue 4): batched >= 20x faster than the loop.
+``floor`` = one forward and one backward pass of the summed entropy w.r.t. the layer outputs, nothing else:
+the least work of any exact batched method built on backpropagation.
 """
 
 from __future__ import annotations
@@ -64,6 +68,34 @@ def setup(model_name: str, n: int, seed: int = 0):
     return model, data, subset, source
 
 
+def backward_floor(model, data, subset, chunk: int) -> np.ndarray:
+    """One forward and one backward pass of the chunk's summed entropy, gradients w.r.t. every Linear / Conv2d /
+    BatchNorm output only (zeros added by hooks), weights held constant; returns the entropies."""
+    from activelab.data.arrays import iter_batches
+    from activelab.inference.gradients import entropy
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.BatchNorm2d))]
+    out = []
+    for x, _ in iter_batches(data, subset, chunk):
+        eps = []
+
+        def add(_m, _i, output, eps=eps):
+            e = torch.zeros_like(output, requires_grad=True)
+            eps.append(e)
+            return output + e
+
+        handles = [m.register_forward_hook(add) for m in layers]
+        try:
+            with torch.enable_grad():
+                h = entropy(model(x))
+        finally:
+            for handle in handles:
+                handle.remove()
+        torch.autograd.grad(h.sum(), eps, allow_unused=True)
+        out.append(h.detach())
+    return torch.cat(out).numpy()
+
+
 def child_time(args) -> None:
     """All timings in this one process, interleaved (forward, batched per norm, loop per norm) and repeated,
     so that the load of a shared machine hits every method alike; the minimum of each is kept."""
@@ -74,8 +106,10 @@ def child_time(args) -> None:
     model, data, subset, source = setup(args.model, args.n)
     norms = args.norms.split(",")
     loop_subset = subset[: args.loop_n]
+    methods = args.methods.split(",")
     for norm in norms:  # warm-up (the first torch.func call imports torch._dynamo: seconds)
-        entropy_gradient_norms(model, data, subset[:8], norm=norm, chunk_size=args.chunk)
+        for method in methods:
+            entropy_gradient_norms(model, data, subset[:8], norm=norm, chunk_size=args.chunk, method=method)
         entropy_gradient_norms_loop(model, data, subset[:8], norm=norm)
     forward_pass(model, data, subset[:8], 512)
     times: dict[str, list[float]] = {}
@@ -89,17 +123,23 @@ def child_time(args) -> None:
 
     for r in range(args.repeats):
         timed("forward", lambda: forward_pass(model, data, subset, 512).logits)
+        timed("floor", lambda: backward_floor(model, data, subset, args.chunk or 64))
         for norm in norms:
-            timed(
-                f"batched/{norm}",
-                lambda n=norm: entropy_gradient_norms(model, data, subset, norm=n, chunk_size=args.chunk),
-            )
+            for method in methods:
+                timed(
+                    f"{method}/{norm}",
+                    lambda n=norm, m=method: entropy_gradient_norms(
+                        model, data, subset, norm=n, chunk_size=args.chunk, method=m
+                    ),
+                )
             if r < args.loop_repeats:
                 timed(f"loop/{norm}", lambda n=norm: entropy_gradient_norms_loop(model, data, loop_subset, norm=n))
     rel = {}
     for norm in norms:
         loop = scores[f"loop/{norm}"]
-        rel[norm] = float(np.max(np.abs(scores[f"batched/{norm}"][: len(loop)] - loop) / np.abs(loop)))
+        for method in methods:
+            diff = np.abs(scores[f"{method}/{norm}"][: len(loop)] - loop) / np.abs(loop)
+            rel[f"{method}/{norm}"] = float(np.max(diff))
     params = sum(p.numel() for p in model.parameters())
     result = {"min": {k: min(v) for k, v in times.items()}, "rel": rel, "params": params, "source": source}
     print(json.dumps(result))
@@ -117,10 +157,11 @@ def child_memory(args) -> None:
         base = rss_mb()
         entropy_gradient_norms_loop(model, data, subset[: args.loop_n], norm=args.norm)
     else:
-        entropy_gradient_norms(model, data, subset[:8], norm=args.norm, chunk_size=args.chunk)
+        method = args.child.removeprefix("memory-")
+        entropy_gradient_norms(model, data, subset[:8], norm=args.norm, chunk_size=args.chunk, method=method)
         reset_peak_rss()
         base = rss_mb()
-        entropy_gradient_norms(model, data, subset, norm=args.norm, chunk_size=args.chunk)
+        entropy_gradient_norms(model, data, subset, norm=args.norm, chunk_size=args.chunk, method=method)
     print(json.dumps({"peak_mb": max(0.0, peak_rss_mb() - base)}))
 
 
@@ -128,7 +169,7 @@ def run_child(args, mode: str, norm: str = "per_tensor_sum") -> dict:
     cmd = [
         sys.executable, __file__, "--child", mode, "--model", args.model, "--n", str(args.n),
         "--loop-n", str(args.loop_n), "--norm", norm, "--norms", args.norms, "--repeats", str(args.repeats),
-        "--loop-repeats", str(args.loop_repeats),
+        "--loop-repeats", str(args.loop_repeats), "--methods", args.methods,
     ]  # fmt: skip
     if args.chunk:
         cmd += ["--chunk", str(args.chunk)]
@@ -142,11 +183,14 @@ def main() -> None:
     parser.add_argument("--model", choices=["lenet", "resnet10"], default="lenet")
     parser.add_argument("--n", type=int, default=2000, help="subset size (images scored)")
     parser.add_argument("--loop-n", type=int, default=None, help="samples the loop runs on (default: all n)")
-    parser.add_argument("--chunk", type=int, default=None, help="vmap chunk size (default: automatic)")
+    parser.add_argument("--chunk", type=int, default=None, help="chunk size (default: automatic)")
+    parser.add_argument("--methods", default="signals,vmap", help="batched methods to time")
     parser.add_argument("--norms", default="per_tensor_sum,global,last_layer")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of forward and batched (minimum kept)")
     parser.add_argument("--loop-repeats", type=int, default=2, help="timed repeats of the loop (minimum kept)")
-    parser.add_argument("--child", choices=["time", "memory-batched", "memory-loop"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=["time", "memory-signals", "memory-vmap", "memory-loop"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--norm", default="per_tensor_sum", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.loop_n = args.n if args.loop_n is None else min(args.loop_n, args.n)
@@ -163,10 +207,14 @@ def main() -> None:
     fwd = t["forward"]
     print(
         f"# model {args.model} ({res['params']:,} parameters), data {res['source']}, subset n = {args.n}, 1 thread, "
-        f"vmap chunk {args.chunk or 'auto'}; minimum of {args.repeats} interleaved repeats "
+        f"chunk {args.chunk or 'auto'}; minimum of {args.repeats} interleaved repeats "
         f"(loop: {args.loop_repeats})"
     )
     print(f"# forward pass over the subset (batch 512): {fwd:.3f} s ({1e3 * fwd / args.n:.3f} ms/sample)")
+    print(
+        f"# floor (forward + one backward pass to the layer outputs): {t['floor']:.3f} s = "
+        f"{t['floor'] / fwd:.2f} x forward"
+    )
     header = (
         f"{'norm':<15} {'method':<8} {'samples':>7} {'seconds':>9} {'ms/sample':>10} {'x forward':>10} "
         f"{'speedup':>8} {'peak MB':>8} {'max rel diff':>12}"
@@ -174,14 +222,15 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for norm in args.norms.split(","):
-        batched = t[f"batched/{norm}"]
         loop = t[f"loop/{norm}"] * args.n / args.loop_n
-        mem_b = run_child(args, "memory-batched", norm)["peak_mb"]
+        for method in args.methods.split(","):
+            batched = t[f"{method}/{norm}"]
+            mem_b = run_child(args, f"memory-{method}", norm)["peak_mb"]
+            print(
+                f"{norm:<15} {method:<8} {args.n:>7} {batched:>9.3f} {1e3 * batched / args.n:>10.3f} "
+                f"{batched / fwd:>10.2f} {loop / batched:>7.1f}x {mem_b:>8.0f} {res['rel'][f'{method}/{norm}']:>12.2e}"
+            )
         mem_l = run_child(args, "memory-loop", norm)["peak_mb"]
-        print(
-            f"{norm:<15} {'batched':<8} {args.n:>7} {batched:>9.3f} {1e3 * batched / args.n:>10.3f} "
-            f"{batched / fwd:>10.2f} {loop / batched:>7.1f}x {mem_b:>8.0f} {res['rel'][norm]:>12.2e}"
-        )
         scaled = "" if args.loop_n == args.n else f"  (measured on {args.loop_n}, scaled to {args.n})"
         print(
             f"{norm:<15} {'loop':<8} {args.n:>7} {loop:>9.3f} {1e3 * loop / args.n:>10.3f} {loop / fwd:>10.2f} "

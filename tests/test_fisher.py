@@ -227,11 +227,11 @@ def test_bad_weighting_is_an_error():
 
 @pytest.mark.parametrize("k", [3, 20])  # a sparse mask (one product per output channel) and a dense one (one matmul)
 def test_gathered_conv_products_equal_an_einsum(k):
-    from activelab.inference.fisher import _gather_products
+    from activelab.inference.signals import gather_products
 
     g = torch.randn(2, 3, 4, 7, generator=torch.Generator().manual_seed(0))  # (B, C, rows, positions)
     u = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(1))  # (B, cols, positions)
     flat = torch.randperm(20, generator=torch.Generator().manual_seed(2))[:k]  # unsorted, as a stress
     rows, cols = flat // 5, flat % 5
     expected = torch.einsum("bcrl,bql->bcrq", g, u).reshape(2, 3, 20)[:, :, flat]
-    torch.testing.assert_close(_gather_products(g, u, rows, cols), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gather_products(g, u, rows, cols), expected, rtol=1e-5, atol=1e-6)

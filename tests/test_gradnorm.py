@@ -65,14 +65,69 @@ def _pool(n: int, size: int, seed: int = 0):
     return make_pool(n=n, size=size, seed=seed)
 
 
+class StridedNet(nn.Module):
+    """Two stride-2 convolutions (8x8 -> 4x4 -> 2x2) with biases, then a linear layer mapped over the four
+    positions and a classifier: the last convolution has few output positions (L = 4 < out*q/(out+q)), so
+    its per-sample norm goes through Gram matrices; the mapped linear layer takes the gathered-products path.
+    """
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.rows = nn.Linear(16, 6)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))  # (B, 16, 2, 2)
+        x = torch.tanh(self.rows(x.flatten(2).transpose(1, 2)))  # (B, 4, 6)
+        return self.fc(x.flatten(1))
+
+
+def _strided_net() -> StridedNet:
+    torch.manual_seed(2)
+    model = StridedNet()
+    with torch.no_grad():
+        model.fc.weight.mul_(3)
+    return model
+
+
+class SharedNet(nn.Module):
+    """A convolution called twice and a grouped one: not covered by layer signals, so the vmap fallback."""
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.shared = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.shared(torch.relu(self.shared(torch.relu(self.conv(x))))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _shared_net() -> SharedNet:
+    torch.manual_seed(3)
+    return SharedNet()
+
+
+@pytest.mark.parametrize("method", ["signals", "vmap"])
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize(("factory", "size"), [(_bn_net, 8), (_lenet, 28)], ids=["batchnorm", "lenet"])
-def test_batched_equals_per_sample_loop(factory, size, norm):
+@pytest.mark.parametrize(
+    ("factory", "size"),
+    [(_bn_net, 8), (_lenet, 28), (_strided_net, 8), (_shared_net, 8)],
+    ids=["batchnorm", "lenet", "strided", "shared"],
+)
+def test_batched_equals_per_sample_loop(factory, size, norm, method):
     model = factory()
     model.train()  # the scores must use eval mode anyway (BatchNorm running stats, dropout off)
     pool = _pool(13, size)
     idx = np.arange(13)[::-1].copy()
-    batched = entropy_gradient_norms(model, pool, idx, norm=norm, chunk_size=5)
+    batched = entropy_gradient_norms(model, pool, idx, norm=norm, chunk_size=5, method=method)
     loop = entropy_gradient_norms_loop(model, pool, idx, norm=norm)
     assert batched.shape == (13,) and np.all(batched > 0)
     np.testing.assert_allclose(batched, loop, rtol=1e-4)
@@ -135,8 +190,34 @@ def test_loss_module_parameters_are_not_part_of_theta():
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def test_signal_method_takes_one_backward_pass_per_chunk(monkeypatch):
+    """The default method really is the signal one where it applies (one autograd call per chunk, no vmap),
+    and hands a model it does not cover to vmap."""
+    import activelab.inference.gradients as gradients
+
+    calls = {"grad": 0, "vmap": 0}
+    real_grad, real_vmap = torch.autograd.grad, gradients.vmap
+
+    def counting_grad(*args, **kwargs):
+        calls["grad"] += 1
+        return real_grad(*args, **kwargs)
+
+    def counting_vmap(*args, **kwargs):
+        calls["vmap"] += 1
+        return real_vmap(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    monkeypatch.setattr(gradients, "vmap", counting_vmap)
+    entropy_gradient_norms(_strided_net(), _pool(10, 8), np.arange(10), chunk_size=4)
+    assert calls == {"grad": 3, "vmap": 0}
+    entropy_gradient_norms(_shared_net(), _pool(10, 8), np.arange(10), chunk_size=4)
+    assert calls["vmap"] == 1
+
+
 def test_bad_norm_and_chunk_are_errors():
     model, pool = _bn_net(), _pool(4, 8)
+    with pytest.raises(ActivelabError, match="signals"):
+        entropy_gradient_norms(model, pool, np.arange(4), method="loop")
     with pytest.raises(ActivelabError, match="per_tensor_sum"):
         entropy_gradient_norms(model, pool, np.arange(4), norm="frobenius")
     with pytest.raises(ActivelabError, match="chunk_size"):

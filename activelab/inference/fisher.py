@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
 from .forward import eval_mode, model_device
+from .signals import layer_entries, layer_signals, plan_signal_layers, samples_independent
 
 Weighting = Literal["sqrt_p", "none"]
 WEIGHTINGS: tuple[str, ...] = ("sqrt_p", "none")
@@ -212,175 +213,11 @@ def _check_weighting(weighting: str) -> None:
 
 Method = Literal["signals", "jacobian"]
 
-_SIGNAL_MODULES = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
-
-@dataclass
-class _SignalLayer:
-    """A module whose masked entries are formed from its input and the backprop signal at its output."""
-
-    name: str
-    module: nn.Module
-    weight: torch.Tensor | None  # masked flat indices into the module's weight
-    bias: torch.Tensor | None  # masked flat indices into its bias
-    out_shape: tuple[int, ...] = ()
-
-
-def _signal_supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.running_mean is not None and module.running_var is not None
-    return isinstance(module, _SIGNAL_MODULES)
-
-
-def _plan_signals(model: nn.Module, mask: FisherMask, probe: torch.Tensor) -> tuple[list[_SignalLayer], list[str]]:
-    """Split the masked tensors into signal layers (Linear, Conv2d with groups 1, BatchNorm in eval mode, each
-    called once per forward) and fallback parameters (differentiated directly)."""
-    modules = dict(model.named_modules())
-    chosen = dict(zip(mask.names, mask.indices, strict=True))
-    layers: dict[str, _SignalLayer] = {}
-    fallback: list[str] = []
-    for name in mask.names:
-        prefix, _, attr = name.rpartition(".")
-        module = modules.get(prefix)
-        if module is None or attr not in ("weight", "bias") or not _signal_supported(module):
-            fallback.append(name)
-            continue
-        layer = layers.setdefault(prefix, _SignalLayer(prefix, module, None, None))
-        setattr(layer, attr, chosen[name])
-    calls: dict[str, list[tuple[int, ...]]] = {n: [] for n in layers}
-    handles = [
-        layer.module.register_forward_hook(lambda _m, _i, out, n=n: calls[n].append(tuple(out.shape)))
-        for n, layer in layers.items()
-    ]
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for h in handles:
-            h.remove()
-    kept = []
-    for n, layer in layers.items():
-        if len(calls[n]) != 1:  # a shared module (called twice) or an unused one: differentiate its parameters
-            fallback += [f"{n}.{a}" for a in ("weight", "bias") if getattr(layer, a) is not None]
-            continue
-        layer.out_shape = calls[n][0]
-        kept.append(layer)
-    return kept, fallback
-
-
-def _gather_products(g: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """out[b, c, k] = sum_l g[b, c, rows[k], l] * u[b, cols[k], l].
-
-    With l > 1 (convolutions: l runs over output positions) the entries are grouped by row, one batched matrix
-    product per distinct row (output channel), or, when at least a quarter of all (row, col) pairs is wanted,
-    every product in one matrix product followed by a gather; with l = 1 (linear layers) a gathered elementwise
-    product, in blocks of k so that memory stays bounded."""
-    if g.shape[-1] > 1:
-        b, c, n_rows, n_pos = g.shape
-        if 4 * len(rows) >= n_rows * u.shape[1]:  # a dense mask: all products in one matmul, then a gather
-            full = torch.matmul(g.reshape(b, c * n_rows, n_pos), u.transpose(1, 2)).reshape(b, c, -1)
-            return full[:, :, rows * u.shape[1] + cols]
-        order = torch.argsort(rows, stable=True)
-        distinct, counts = torch.unique_consecutive(rows[order], return_counts=True)
-        u_sorted = u[:, cols[order], :]  # (B, k, L), grouped by row: each group is a contiguous slice
-        blocks, start = [], 0
-        for r, n in zip(distinct.tolist(), counts.tolist(), strict=True):
-            blocks.append(torch.matmul(g[:, :, r, :], u_sorted[:, start : start + n, :].transpose(1, 2)))
-            start += n
-        return torch.cat(blocks, dim=2)[:, :, torch.argsort(order)]
-    out = []
-    step = max(1, int(2**22 // max(1, g.shape[0] * g.shape[1] * g.shape[-1])))
-    for s in range(0, len(rows), step):
-        r, c = rows[s : s + step], cols[s : s + step]
-        out.append(torch.einsum("bckl,bkl->bck", g[:, :, r, :], u[:, c, :]))
-    return torch.cat(out, dim=2)
-
-
-def _layer_entries(layer: _SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Masked entries (B, C, k) of d log p / d weight and d bias, from the layer's input ``a`` (B, *in) and the
-    signal ``g`` = d log p_c / d output (B, C, *out)."""
-    m = layer.module
-    b, c = g.shape[:2]
-    out: dict[str, torch.Tensor] = {}
-    if isinstance(m, nn.Linear):
-        a2 = a.reshape(b, -1, m.in_features)  # (B, T, in): T > 1 when the layer maps over extra dimensions
-        g2 = g.reshape(b, c, -1, m.out_features)  # (B, C, T, out)
-        if layer.weight is not None:
-            rows, cols = layer.weight // m.in_features, layer.weight % m.in_features
-            if a2.shape[1] == 1:  # the usual case: one input vector per sample, entries g_o * a_j
-                out["weight"] = g2[:, :, 0, rows] * a2[:, 0, cols].unsqueeze(1)
-            else:
-                out["weight"] = _gather_products(g2.transpose(2, 3), a2.transpose(1, 2), rows, cols)
-        if layer.bias is not None:
-            out["bias"] = g2.sum(2)[:, :, layer.bias]
-        return out
-    if isinstance(m, nn.Conv2d):
-        u = nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, in*kh*kw, L)
-        g2 = g.reshape(b, c, m.out_channels, -1)  # (B, C, out, L)
-        if layer.weight is not None:
-            q = u.shape[1]
-            out["weight"] = _gather_products(g2, u, layer.weight // q, layer.weight % q)
-        if layer.bias is not None:
-            out["bias"] = g2.sum(3)[:, :, layer.bias]
-        return out
-    # BatchNorm in eval mode: y = (a - mean) / sqrt(var + eps) * weight + bias, per channel (dimension 1)
-    shape = (1, -1) + (1,) * (a.dim() - 2)
-    a_hat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
-    g2 = g.reshape(b, c, a.shape[1], -1)
-    if layer.weight is not None:
-        out["weight"] = (g2 * a_hat.reshape(b, 1, a.shape[1], -1)).sum(3)[:, :, layer.weight]
-    if layer.bias is not None:
-        out["bias"] = g2.sum(3)[:, :, layer.bias]
-    return out
-
-
-def _samples_independent(model: nn.Module) -> bool:
-    """In eval mode, is each sample's output a function of that sample alone? Not if a BatchNorm normalises
-    with the statistics of the batch (no running statistics)."""
-    return not any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None)
-        for m in model.modules()
-    )
-
-
-def _layer_signals(
-    model: nn.Module, layers: list[_SignalLayer], x: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One forward pass over the batch with a hook adding a zero tensor (requiring grad) to each signal layer's
-    output and saving its input, then one backward pass per class of sum_b log p(c|x_b) w.r.t. those zeros.
-
-    The parameters are held constant (only the zeros require grad), so each pass computes the gradients w.r.t.
-    the layer outputs and nothing else; as samples do not interact in eval mode, the gradient of the sum at
-    sample b is sample b's own. Returns (log p (B, C), {name: (B, C, *out)}, {name: input (B, *in)})."""
-    const = {n: p.detach() for n, p in model.named_parameters()}
-    const.update({n: b.detach() for n, b in model.named_buffers()})
-    eps: dict[str, torch.Tensor] = {}
-    saved: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def add(_module, inputs, output):
-            saved[name] = inputs[0].detach()
-            eps[name] = torch.zeros_like(output, requires_grad=True)
-            return output + eps[name]
-
-        return add
-
-    handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in layers]
-    try:
-        with torch.enable_grad():
-            lp = torch.log_softmax(functional_call(model, const, (x,)).float(), dim=-1)
-    finally:
-        for h in handles:
-            h.remove()
-    names = [layer.name for layer in layers]
-    per_class = [
-        torch.autograd.grad(lp[:, c].sum(), [eps[n] for n in names], retain_graph=c < lp.shape[1] - 1)
-        for c in range(lp.shape[1])
-    ]
-    signals = {n: torch.stack([g[i] for g in per_class], dim=1) for i, n in enumerate(names)}
-    return lp.detach(), signals, saved
+def _class_log_prob_sums(logits: torch.Tensor) -> list[torch.Tensor]:
+    """The signal objectives of Fisher embeddings: sum over the batch of log p(c|x), one per class c."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return [lp[:, c].sum() for c in range(lp.shape[1])]
 
 
 def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
@@ -389,14 +226,15 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
     indices = np.asarray(indices, dtype=np.int64)
     with eval_mode(model):
         probe, num_classes = _probe(model, dataset, indices, device)
-        layers, fallback = _plan_signals(model, mask, probe)
+        layers, fallback = plan_signal_layers(model, dict(zip(mask.names, mask.indices, strict=True)), probe)
         wrt, jac_fn = _jacobian_fn(model, fallback) if fallback else ({}, None)
         if chunk_size is None:  # per sample: C signals per output and C gradients per fallback entry, float32
             per_class = sum(int(np.prod(layer.out_shape)) for layer in layers) + sum(wrt[n].numel() for n in fallback)
             chunk_size = int(max(1, min(64, DEFAULT_CHUNK_BYTES // max(1, 3 * 4 * num_classes * per_class))))
         for x, _ in iter_batches(dataset, indices, chunk_size):
             x = x.to(device)
-            lp, signals, saved = _layer_signals(model, layers, x)
+            logits, signals, saved = layer_signals(model, layers, x, _class_log_prob_sums)
+            lp = torch.log_softmax(logits.float(), dim=-1)
             blocks: dict[str, torch.Tensor] = {}
             if jac_fn is not None:
                 jac, _ = jac_fn(wrt, x)
@@ -404,7 +242,7 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
                     if n in jac:
                         blocks[n] = jac[n].flatten(2)[:, :, idx.to(device)]
             for layer in layers:
-                for attr, val in _layer_entries(layer, saved[layer.name], signals[layer.name]).items():
+                for attr, val in layer_entries(layer, saved[layer.name], signals[layer.name]).items():
                     blocks[f"{layer.name}.{attr}"] = val
             yield torch.cat([blocks[n] for n in mask.names], dim=2), lp.exp()
 
@@ -435,7 +273,7 @@ def iter_masked_fisher_embeddings(
     per-class Jacobian of every masked tensor by ``vmap(jacrev)``, then a gather (C x P_wrt memory per sample).
     """
     _check_weighting(weighting)
-    if method == "signals" and not _samples_independent(model):
+    if method == "signals" and not samples_independent(model):
         method = "jacobian"  # the signal method sums over the batch; the Jacobian one runs sample by sample
     if method == "signals":
         chunks = _iter_signal_embeddings(model, dataset, indices, mask, chunk_size)

@@ -1,12 +1,21 @@
-"""Per-sample gradients of the predictive entropy with respect to the weights, batched with ``torch.func``.
+"""Norms of per-sample gradients of the predictive entropy with respect to the weights, batched.
 
 The score of AL-GradNorm (Wang et al., AAAI 2022) and LPLgrad (2024): for each sample x, with the model in
 eval mode and no augmentation, H(x) = -sum_c p(c|x) log p(c|x), and the score is a norm of dH/dtheta. The
-authors' code looped over the pool one sample at a time (a forward and a backward pass per sample); here
-``vmap(grad(H))`` computes a chunk of per-sample gradients in one batched pass, and only their norms are kept.
+authors' code looped over the pool one sample at a time (a forward and a backward pass per sample). Here a
+chunk of samples takes one batched pass, by one of two methods:
 
-Memory: one chunk of per-sample gradients, O(chunk x P) for P weights (``chunk_size=None`` picks the chunk
-from a memory budget), plus the (N,) scores.
+- ``"signals"`` (default): one forward and one backward pass of the chunk's summed entropy, asking autograd
+  only for the gradients at each layer's output (the signals); each layer's per-sample weight-gradient norm
+  is then formed from its input and its signal (:mod:`activelab.inference.signals`: Linear in closed form,
+  Conv2d by a batched matrix product or through Gram matrices, whichever is cheaper). Needs every
+  differentiated tensor to belong to a Linear, Conv2d (groups 1) or eval-mode BatchNorm called once per
+  forward pass; otherwise the call falls back to ``"vmap"``.
+- ``"vmap"``: ``vmap(grad(H))`` from ``torch.func``, any model; it materialises a chunk of per-sample
+  gradients.
+
+Memory: one chunk's activations and signals (signals) or per-sample gradients, O(chunk x P) for P weights
+(vmap); ``chunk_size=None`` picks the chunk from a memory budget. Plus the (N,) scores.
 """
 
 from __future__ import annotations
@@ -23,9 +32,12 @@ from ..data.arrays import iter_batches
 from ..errors import ActivelabError
 from .forward import eval_mode, model_device
 from .modules import classifier_name
+from .signals import SignalLayer, layer_signals, layer_squared_norms, plan_signal_layers, samples_independent
 
 GradNorm = Literal["per_tensor_sum", "global", "last_layer"]
 NORMS: tuple[str, ...] = ("per_tensor_sum", "global", "last_layer")
+Method = Literal["signals", "vmap"]
+METHODS: tuple[str, ...] = ("signals", "vmap")
 
 #: Parameters under these module prefixes are not part of the backbone (the loss-prediction head).
 AUXILIARY_PREFIXES: tuple[str, ...] = ("loss_module.",)
@@ -88,6 +100,7 @@ def entropy_gradient_norms(
     norm: GradNorm = "per_tensor_sum",
     chunk_size: int | None = None,
     classifier: str | None = None,
+    method: Method = "signals",
 ) -> np.ndarray:
     """Norm of dH(x)/dtheta for every ``dataset[indices]``, in order, as float64 (N,).
 
@@ -98,38 +111,86 @@ def entropy_gradient_norms(
         norm: ``"per_tensor_sum"`` (sum over the backbone's parameter tensors of per-tensor L2 norms:
             the paper's score), ``"global"`` (one L2 norm over all backbone parameters) or ``"last_layer"``
             (L2 norm over the classifier's weight and bias together).
-        chunk_size: samples per vmapped batch (None: chosen from a 256 MiB budget for the gradients).
+        chunk_size: samples per batched pass (None: chosen from a 256 MiB budget).
         classifier: the classifier's module name for ``"last_layer"`` (default: the model's own).
+        method: ``"signals"`` (layer signals, one backward pass per chunk; falls back to ``"vmap"`` for models
+            it does not cover) or ``"vmap"`` (torch.func per-sample gradients); both give the same scores.
 
     Parameters of ``model.loss_module`` (the loss-prediction head) are never part of theta.
-    Complexity: about the cost of one forward and one backward pass per sample, batched by ``chunk_size``.
+    Complexity: signals, one forward and one backward pass per chunk plus, per layer and sample, the cheaper
+    of out x q x L and L^2 (out + q) multiply-adds for a convolution (L positions, q = in x kh x kw); vmap,
+    about one forward and one backward pass per sample, batched.
     """
     if norm not in NORMS:
         raise ActivelabError(f"unknown gradient norm {norm!r}; choose one of {', '.join(NORMS)}")
+    if method not in METHODS:
+        raise ActivelabError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if chunk_size is not None and chunk_size < 1:
         raise ActivelabError(f"chunk_size must be a positive integer; got {chunk_size}")
     indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) == 0:
+        return np.zeros(0, dtype=np.float64)
     names = _grad_names(model, norm, classifier)
+    with eval_mode(model):
+        if method == "signals" and samples_independent(model):
+            layers = _signal_plan(model, dataset, indices, names)
+            if layers is not None:
+                return _signal_norms(model, dataset, indices, names, layers, norm, chunk_size)
+        return _vmap_norms(model, dataset, indices, names, norm, chunk_size)
+
+
+def _signal_plan(model: nn.Module, dataset: Dataset, indices: np.ndarray, names: list[str]) -> list[SignalLayer] | None:
+    """The signal layers holding every tensor of ``names``, or None if some tensor is not covered."""
+    params = dict(model.named_parameters())
+    wanted = {n: torch.arange(params[n].numel()) for n in names}
+    probe, _ = next(iter_batches(dataset, indices[:1], 1))
+    layers, fallback = plan_signal_layers(model, wanted, probe.to(model_device(model)))
+    return None if fallback else layers
+
+
+def _signal_chunk(layers: list[SignalLayer], budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Samples per chunk so that the saved layer inputs, the signals and one layer's per-sample weight
+    gradients (float32) fit in ``budget_bytes``, with room for the forward pass's own activations."""
+    acts = sum(int(np.prod(layer.out_shape[1:])) for layer in layers)
+    biggest = max(int(layer.module.weight.numel()) if layer.module.weight is not None else 0 for layer in layers)
+    return int(max(1, min(256, budget_bytes // max(1, 4 * (4 * acts + biggest)))))
+
+
+def _signal_norms(model, dataset, indices, names, layers, norm, chunk_size) -> np.ndarray:
+    chunk = chunk_size or _signal_chunk(layers)
+    device = model_device(model)
+    scores = []
+    for x, _ in iter_batches(dataset, indices, chunk):
+        _, signals, saved = layer_signals(model, layers, x.to(device), lambda logits: [entropy(logits).sum()])
+        squared: dict[str, torch.Tensor] = {}
+        for layer in layers:
+            for attr, sq in layer_squared_norms(layer, saved[layer.name], signals[layer.name]).items():
+                squared[f"{layer.name}.{attr}"] = sq[:, 0]
+        del signals, saved
+        per_tensor = torch.stack([squared[n].double().clamp_min(0).sqrt() for n in names], dim=1)
+        scores.append(reduce_norms(per_tensor, norm).cpu())
+    return torch.cat(scores).numpy()
+
+
+def _vmap_norms(model, dataset, indices, names, norm, chunk_size) -> np.ndarray:
     chunk = chunk_size or auto_chunk_size(model, names)
     device = model_device(model)
+    all_params = {n: p.detach() for n, p in backbone_parameters(model, trainable_only=False).items()}
+    grad_params = {n: all_params.pop(n) for n in names}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
 
-    with eval_mode(model):
-        all_params = {n: p.detach() for n, p in backbone_parameters(model, trainable_only=False).items()}
-        grad_params = {n: all_params.pop(n) for n in names}
-        buffers = {n: b.detach() for n, b in model.named_buffers()}
+    def sample_entropy(theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (theta, all_params, buffers), (x.unsqueeze(0),))
+        return entropy(logits)[0]
 
-        def sample_entropy(theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            logits = functional_call(model, (theta, all_params, buffers), (x.unsqueeze(0),))
-            return entropy(logits)[0]
-
-        per_sample_grad = vmap(grad(sample_entropy), in_dims=(None, 0))
-        scores = []
-        for x, _ in iter_batches(dataset, indices, chunk):
-            grads = per_sample_grad(grad_params, x.to(device))
-            per_tensor = torch.stack([grads[n].flatten(1).norm(dim=1) for n in names], dim=1)
-            scores.append(reduce_norms(per_tensor.double(), norm).cpu())
-            del grads
-    return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float64)
+    per_sample_grad = vmap(grad(sample_entropy), in_dims=(None, 0))
+    scores = []
+    for x, _ in iter_batches(dataset, indices, chunk):
+        grads = per_sample_grad(grad_params, x.to(device))
+        per_tensor = torch.stack([grads[n].flatten(1).norm(dim=1) for n in names], dim=1)
+        scores.append(reduce_norms(per_tensor.double(), norm).cpu())
+        del grads
+    return torch.cat(scores).numpy()
 
 
 def entropy_gradient_norms_loop(
