@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_gradnorm.py | tee benchmarks/results/bench_gradnorm.txt
     OMP_NUM_THREADS=1 python benchmarks/bench_gradnorm.py --model resnet10 --n 256
 
-On a subset of ``--n`` images (Fashion-MNIST 28x28 for LeNet, synthetic 32x32x3 for ResNet-10) and a model
+On a subset of ``--n`` images (Fashion-MNIST 28x28 for LeNet, synthetic 32x32x3 for ResNet-10, scikit-learn's
+8x8 digits, repeated, for the digits CNN) and a model
 briefly trained on other images (so that predictions are not uniform), it times, single-threaded, in one
 subprocess after warm-up calls, with the methods interleaved and repeated (the minimum of each is kept):
 
@@ -54,6 +55,17 @@ def setup(model_name: str, n: int, seed: int = 0):
             x = torch.randint(0, 256, (n + 2000, 1, 28, 28), generator=g, dtype=torch.uint8)
             data, source = ArrayDataset(x, torch.randint(0, 10, (n + 2000,), generator=g), [0.3], [0.35]), "synthetic"
         model = build_model(ModelConfig(name="lenet", dropout=False), 10, 1, 28)
+    elif model_name == "digits_cnn":  # scikit-learn's 8x8 digits (1,797 images), repeated to n + 2,000
+        from activelab.data.sources import load_split
+
+        train, test = load_split("digits", "train"), load_split("digits", "test")
+        x_all, y_all = torch.cat([train.x, test.x]), torch.cat([train.y, test.y])
+        reps = np.arange(n + 2000) % len(y_all)
+        data, source = (
+            ArrayDataset(x_all[reps], y_all[reps], train.mean.tolist(), train.std.tolist()),
+            "digits (repeated)",
+        )
+        model = build_model(ModelConfig(name="digits_cnn", dropout=False), 10, 1, 8)
     else:
         g = torch.Generator().manual_seed(0)
         y = torch.randint(0, 10, (n + 2000,), generator=g)
@@ -180,7 +192,7 @@ def run_child(args, mode: str, norm: str = "per_tensor_sum") -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["lenet", "resnet10"], default="lenet")
+    parser.add_argument("--model", choices=["lenet", "resnet10", "digits_cnn"], default="lenet")
     parser.add_argument("--n", type=int, default=2000, help="subset size (images scored)")
     parser.add_argument("--loop-n", type=int, default=None, help="samples the loop runs on (default: all n)")
     parser.add_argument("--chunk", type=int, default=None, help="chunk size (default: automatic)")

@@ -153,3 +153,26 @@ def test_fishermask_mask_size_follows_pct():
     n_params = sum(p.numel() for p in TinyNet().parameters())
     assert info["fishermask_mask_size"] == int(0.1 * n_params)
     assert info["fishermask_mask_counts"]["fc2.weight"] == 48 and not info["fishermask_last_layer_only"]
+
+
+@pytest.mark.parametrize("name", ["bait", "fishermask"])
+def test_a_query_that_cannot_fit_in_memory_is_refused_up_front(name, monkeypatch):
+    """With less memory available than the embeddings and K x K matrices need, the query stops before the
+    expensive work with the sizes in the message; with enough (or unknown) memory it runs."""
+    import activelab.strategies.bait as bait
+
+    pool, labeled = make_pool(n=50), np.arange(0, 50, 5)
+    params = {"subset": None} if name == "bait" else {"subset": None, "pct": 0.05, "fisher_samples": 16}
+    calls = []
+    real = bait.masked_fisher_embeddings
+    monkeypatch.setattr(bait, "masked_fisher_embeddings", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # 40 candidates x C=4 x K=48 float64 + 6 K^2 float64 = 61,440 + 110,592 bytes
+    assert bait.selection_memory_bytes(40, 4, 48, 8) == 40 * 4 * 48 * 8 + 6 * 48 * 48 * 8
+    monkeypatch.setattr(bait, "available_memory_bytes", lambda: 50_000)
+    with pytest.raises(ActivelabError, match=r"GiB.*available.*subset"):
+        activelab.select(name, _trained_tiny(), pool, labeled=labeled, budget=6, seed=0, **params)
+    assert not calls  # refused before the Fisher embeddings were computed
+    for have in (None, 2**30):
+        monkeypatch.setattr(bait, "available_memory_bytes", lambda have=have: have)
+        picked = activelab.select(name, _trained_tiny(), pool, labeled=labeled, budget=6, seed=0, **params)
+        assert len(picked) == 6

@@ -294,6 +294,39 @@ def candidate_subset(n_candidates: int, subset: int | None, budget: int, rng: np
     return np.sort(rng.choice(n_candidates, size=size, replace=False)).astype(np.int64)
 
 
+def selection_memory_bytes(n: int, c: int, k: int, itemsize: int) -> int:
+    """Peak memory of one BAIT / FisherMask query, estimated: the candidates' embeddings (N C K of ``itemsize``)
+    plus about six K x K float64 matrices alive at once (the Gram sums, F_U, I_L, M^-1 and its update)."""
+    return n * c * k * itemsize + 6 * k * k * 8
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_selection_memory(strategy: str, n: int, c: int, k: int, itemsize: int) -> None:
+    """Refuse, before any expensive work, a query whose arrays cannot fit in the memory available now, with
+    the sizes and what to change (the alternative is the kernel killing the worker mid-query)."""
+    need, have = selection_memory_bytes(n, c, k, itemsize), available_memory_bytes()
+    if have is None or need <= have:
+        return
+    gib = 2.0**30
+    raise ActivelabError(
+        f"{strategy}: a query on N={n:,} candidates with C={c} classes and K={k:,} embedding dimensions needs "
+        f"about {need / gib:.1f} GiB (embeddings N x C x K: {n * c * k * itemsize / gib:.1f} GiB; K x K matrices: "
+        f"{6 * k * k * 8 / gib:.1f} GiB), but {have / gib:.1f} GiB is available. Lower K (fishermask: pct), "
+        "the candidate subset (subset), or use precision: float32; or run on a machine with more memory."
+    )
+
+
 # -- strategies ------------------------------------------------------------------------------------------------
 
 
@@ -350,6 +383,9 @@ class Bait(Strategy):
         if budget == len(positions):
             return positions
         dtype = np.float32 if p.precision == "float32" else np.float64
+        probs, feats = ctx.probs("candidates"), ctx.embeddings("candidates")
+        k = probs.shape[1] * feats.shape[1] + (probs.shape[1] if p.include_bias else 0)
+        check_selection_memory("bait", len(positions), probs.shape[1], k, np.dtype(dtype).itemsize)
         v = last_layer_fisher_embeddings(
             ctx.probs("candidates")[positions],
             ctx.embeddings("candidates")[positions],
@@ -419,10 +455,14 @@ class FisherMaskStrategy(Strategy):
         if budget == len(positions):
             return positions
         weight = f"{ctx.classifier}.weight"
-        num_classes_of(ctx.model, weight)  # a clear error if the classifier has no weight
+        num_classes_of(ctx.model, weight)  # a clear error (before the Fisher) if the classifier has no weight
         fisher = diagonal_fisher(ctx.model, pool, sample, p.chunk_size)
         mask = fisher_mask(fisher, weight, p.pct)
         dtype = np.float32 if p.precision == "float32" else np.float64
+        n_classes = num_classes_of(ctx.model, weight)
+        # the embeddings arrive as float32 and are converted: both copies are alive for a moment
+        itemsize = np.dtype(dtype).itemsize + (4 if dtype is np.float64 else 0)
+        check_selection_memory("fishermask", len(positions), n_classes, mask.size, itemsize)
         v = masked_fisher_embeddings(ctx.model, pool, candidates[positions], mask, p.weighting, p.chunk_size)
         v = v.astype(dtype, copy=False)
         labeled_sum = (
