@@ -35,7 +35,7 @@ class GradNormParams(StrategyParams):
         "per_tensor_sum",
         description="sum of per-tensor L2 norms (the paper), one global L2 norm, or the classifier only",
     )
-    chunk_size: int | None = Field(None, ge=1, description="samples per vmapped batch (None: from 256 MiB)")
+    chunk_size: int | None = Field(None, ge=1, description="samples per batched pass (None: from 256 MiB)")
 
 
 class _GradNormBase(Strategy):
@@ -68,10 +68,11 @@ class GradNorm(_GradNormBase):
 
     Training: standard cross-entropy. Score: sum over the backbone's parameter tensors of ||dH/dtheta_t||_2
     (``norm`` selects the global norm or the classifier only). Candidates: a seeded random ``subset``.
-    Complexity: one batched forward + per-sample backward per scored candidate (torch.func vmap); memory
-    O(chunk x P) for P weights plus O(subset).
-    Deviation from the authors' code: per-sample gradients are batched (vmap) instead of a per-sample loop;
-    the scores are the same (tested against the loop).
+    Complexity: one forward and one backward pass per chunk of scored candidates (layer signals; per-layer
+    per-sample norms formed from each layer's input and output gradient, see
+    :mod:`activelab.inference.gradients`); memory O(chunk x activations) plus O(subset).
+    Deviation from the authors' code: the scores are computed batched instead of one sample at a time; they
+    are the same (tested against the loop).
     """
 
     name = "gradnorm"
@@ -85,7 +86,7 @@ class LPLGrad(_GradNormBase):
 
     The loss-prediction module is a training signal only: the query never reads it, and its parameters are
     not part of theta. Complexity as ``gradnorm``.
-    Deviations from the authors' code: batched per-sample gradients (same scores); the module's learning
+    Deviations from the authors' code: batched scores (the same as per-sample ones); the module's learning
     rate follows the backbone's schedule (the reference never stepped it).
     """
 
