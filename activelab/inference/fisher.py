@@ -13,7 +13,8 @@ Per-sample, per-class gradients come from ``vmap(jacrev(...))`` over a chunk of 
 instead of chunk x C backward passes of a per-sample loop. The diagonal Fisher needs every entry, so it takes
 the full per-sample Jacobian. The masked embeddings by default take gradients with respect to each masked
 layer's *output* only and form the masked weight entries from them and the layer's saved input, so the
-(chunk, C, P) Jacobian is never built (``method="signals"``; see :func:`iter_masked_fisher_embeddings`). The
+(chunk, C, P) Jacobian is never built (``method="signals"``, built on :mod:`activelab.inference.signals`; see
+:func:`iter_masked_fisher_embeddings`). The
 model is in eval mode (BatchNorm uses its running statistics, dropout is off), so samples do not interact.
 
 Memory: one chunk's Jacobian (chunk x C x P_wrt floats; ``chunk_size=None`` picks the chunk from a 256 MiB
