@@ -419,8 +419,9 @@ class FisherMaskStrategy(Strategy):
     row c = sqrt(p_c) d log p_c / d theta_mask (``weighting="none"`` drops sqrt(p_c) as the authors' code did);
     (4) BAIT selection on them (:func:`bait_select`), F_U over the pool and I_L over the labeled set.
 
-    Complexity: per-sample, per-class gradients (about C backward passes per sample, batched with vmap) for
-    |S| + N + n_L samples; O((N + n_L) C K^2) for the Fisher matrices and the initial products, then
+    Complexity: per-sample, per-class gradients for |S| + N + n_L samples (the diagonal Fisher by vmapped
+    Jacobians; the embeddings by C batched backward passes per chunk to the masked layers' outputs);
+    O((N + n_L) C K^2) for the Fisher matrices and the initial products, then
     O(b (N C^2 K + K^2 C)) for the greedy; memory O(N C K + K^2 + chunk C P), N = min(unlabeled, subset).
     Deviations from the authors' code: S is a seeded random sample (theirs was the first 1,024 of a class-sorted
     pool, i.e. two classes); the mask is chosen by index (they matched values, misaligned on ties); rows are
