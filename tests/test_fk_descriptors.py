@@ -206,3 +206,26 @@ def test_mutual_info_scores_finite_and_not_constant():
 def test_unknown_perturbation_kind_is_an_error():
     with pytest.raises(ActivelabError, match="unknown perturbation"):
         perturbed_class_scores(TinyNet(), make_pool(4), np.arange(4), TAPS, "diag", 4, torch.Generator())
+
+
+def test_lenet_activation_taps_read_after_pooling_and_relu():
+    """taps=[act1, act2, act3] are the FK authors' tap points: the activations after max-pool + ReLU (convs) and
+    ReLU (fc1), checked against a hand-written LeNet forward; the default taps read the layers' outputs."""
+    from activelab.models import LeNet
+
+    torch.manual_seed(0)
+    model = LeNet(num_classes=10).eval()
+    pool = make_pool(6, size=28)
+    idx = np.arange(6)
+    given = np.array([0, 3, 1, 9, 2, 5])
+    out = compute_descriptors(model, pool, idx, ["act1", "act2", "act3"], {"given": given}, batch_size=4)
+    x = torch.stack([pool[i][0] for i in idx]).requires_grad_(False)
+    a1 = torch.relu(F.max_pool2d(F.conv2d(x, model.conv1.weight, model.conv1.bias), 2))
+    a2 = torch.relu(F.max_pool2d(F.conv2d(a1, model.conv2.weight, model.conv2.bias), 2))
+    a3 = torch.relu(F.linear(a2.flatten(1), model.fc1.weight, model.fc1.bias))
+    expected = torch.cat([a1.mean(dim=(2, 3)), a2.mean(dim=(2, 3)), a3], dim=1).detach().numpy()
+    np.testing.assert_allclose(out.z, expected, rtol=1e-5, atol=1e-6)
+    assert out.z.shape == (6, 80) and np.all(out.z >= 0)  # after ReLU: never negative
+    default = compute_descriptors(model, pool, idx, list(LeNet.default_taps), {}, batch_size=4)
+    assert default.z.min() < 0  # the layers' outputs, before ReLU
+    assert set(model.state_dict()) == {f"{n}.{p}" for n in ("conv1", "conv2", "fc1", "fc2") for p in ("weight", "bias")}

@@ -265,7 +265,8 @@ class FisherKernel(Strategy):
     radians (the reference fed degrees to cos/sin); mutual_info uses full covariances (the reference's
     diagonal variant is identically zero); the segment std is the sample std as in the reference. Built-in
     taps are module outputs (e.g. LeNet's conv1 before max-pool and ReLU), where the reference tapped after
-    pool and ReLU. Falls back to random (``info["fallback"] = "random"``) when no validation sample is
+    pool and ReLU (LeNet's ``taps=["act1", "act2", "act3"]`` reads those points). Falls back to random
+    (``info["fallback"] = "random"``) when no validation sample is
     misclassified.
     """
 
