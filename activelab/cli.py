@@ -119,14 +119,30 @@ def plot(
 
 
 @main.command()
-def datasets() -> None:
-    """List the datasets and whether each is available on this machine."""
-    from .data.sources import dataset_status
+@click.option("--check", is_flag=True, help="also load both splits of every available dataset and report their sizes")
+def datasets(check: bool) -> None:
+    """List the datasets and whether each is available on this machine (its files are found).
 
+    With --check, each available dataset is loaded (files parsed, checksums of downloads verified by the
+    loaders) and a dataset whose files are found but cannot be read is reported as broken, with the error;
+    the command then exits with status 1.
+    """
+    from .data.sources import dataset_status, load_split
+
+    broken = 0
     for row in dataset_status():
         mark = "yes" if row["available"] else "no "
         where = row.get("location") or row.get("note") or ""
+        if check and row["available"]:
+            try:
+                sizes = [len(load_split(row["name"], split, download=False)) for split in ("train", "test")]
+                where += f"  (train {sizes[0]:,} / test {sizes[1]:,})"
+            except Exception as exc:  # noqa: BLE001 - reported, and the exit status says so
+                mark, broken = "BROKEN", broken + 1
+                where += f"  ({type(exc).__name__}: {exc})"
         click.echo(f"{row['name']:<14} {mark}  {where}")
+    if broken:
+        raise SystemExit(1)
 
 
 @main.command()

@@ -363,6 +363,28 @@ def test_dataset_status(tmp_path):
     assert not rows["svhn"]["available"] and "only the test split" in rows["svhn"]["note"]
 
 
+def test_datasets_check_loads_available_datasets_and_flags_broken_files(tmp_path):
+    """`activelab datasets --check` parses what `datasets` only finds: sizes for a good dataset, BROKEN and exit
+    status 1 for files that are present but unreadable."""
+    from click.testing import CliRunner
+
+    from activelab.cli import main
+
+    cache = tmp_path / "xdg" / "activelab" / "mnist"
+    write_mnist(cache, n_train=7, n_test=3)
+    result = CliRunner().invoke(main, ["datasets", "--check"])
+    assert result.exit_code == 0, result.output
+    line = next(row for row in result.output.splitlines() if row.startswith("mnist"))
+    assert "yes" in line and "train 7 / test 3" in line
+    (cache / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    plain = CliRunner().invoke(main, ["datasets"])  # without --check the files are only found
+    assert plain.exit_code == 0 and "BROKEN" not in plain.output
+    result = CliRunner().invoke(main, ["datasets", "--check"])
+    assert result.exit_code == 1
+    line = next(row for row in result.output.splitlines() if row.startswith("mnist"))
+    assert "BROKEN" in line
+
+
 # --- real data ------------------------------------------------------------------------------------
 
 
