@@ -123,8 +123,8 @@ def plot(
 def datasets(check: bool) -> None:
     """List the datasets and whether each is available on this machine (its files are found).
 
-    With --check, each available dataset is loaded (files parsed, checksums of downloads verified by the
-    loaders) and a dataset whose files are found but cannot be read is reported as broken, with the error;
+    With --check, each available dataset is loaded (its files parsed; nothing is downloaded, so no checksum
+    is verified) and a dataset whose files are found but cannot be read is reported as broken, with the error;
     the command then exits with status 1.
     """
     from .data.sources import dataset_status, load_split

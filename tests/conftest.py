@@ -34,6 +34,58 @@ class TinyNet(nn.Module):
         return self.fc2(self.drop(x))
 
 
+class AuxHeadNet(nn.Module):
+    """An auxiliary head that runs in forward but does not reach the logits (its input is detached)."""
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.aux = nn.Linear(3, 2)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).mean(dim=(2, 3))
+        self.aux_out = self.aux(h.detach())
+        return self.fc(h)
+
+
+class TiedNet(nn.Module):
+    """Two Linear layers sharing one weight (tied weights): a hook on either alone misses half the gradient."""
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.mean(dim=(1, 2))[:, :6]  # (B, 6) from (B, 1, 8, 8)
+        return self.fc(torch.tanh(self.b(torch.tanh(self.a(h)))))
+
+
+class SeqFirstNet(nn.Module):
+    """A Linear applied to a sequence-first (T, B, d) tensor: its output's first dimension is not the batch."""
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(8, 5)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x[:, 0].permute(1, 0, 2)  # (T=8 rows, B, d=8 columns)
+        return self.fc(torch.tanh(self.mix(seq)).mean(dim=0))
+
+
+AWKWARD_MODELS = {"aux_head": AuxHeadNet, "tied": TiedNet, "seq_first": SeqFirstNet}
+
+
 def make_pool(n: int = 60, num_classes: int = 4, size: int = 8, seed: int = 0) -> ArrayDataset:
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % num_classes

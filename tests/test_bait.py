@@ -164,14 +164,15 @@ def test_a_query_that_cannot_fit_in_memory_is_refused_up_front(name, monkeypatch
     pool, labeled = make_pool(n=50), np.arange(0, 50, 5)
     params = {"subset": None} if name == "bait" else {"subset": None, "pct": 0.05, "fisher_samples": 16}
     calls = []
-    real = bait.masked_fisher_embeddings
-    monkeypatch.setattr(bait, "masked_fisher_embeddings", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for fn in ("diagonal_fisher", "masked_fisher_embeddings", "last_layer_fisher_embeddings"):
+        real = getattr(bait, fn)
+        monkeypatch.setattr(bait, fn, lambda *a, real=real, fn=fn, **k: calls.append(fn) or real(*a, **k))
     # 40 candidates x C=4 x K=48 float64 + 6 K^2 float64 = 61,440 + 110,592 bytes
     assert bait.selection_memory_bytes(40, 4, 48, 8) == 40 * 4 * 48 * 8 + 6 * 48 * 48 * 8
     monkeypatch.setattr(bait, "available_memory_bytes", lambda: 50_000)
     with pytest.raises(ActivelabError, match=r"GiB.*available.*subset"):
         activelab.select(name, _trained_tiny(), pool, labeled=labeled, budget=6, seed=0, **params)
-    assert not calls  # refused before the Fisher embeddings were computed
+    assert not calls  # refused before the diagonal Fisher or any embedding was computed
     for have in (None, 2**30):
         monkeypatch.setattr(bait, "available_memory_bytes", lambda have=have: have)
         picked = activelab.select(name, _trained_tiny(), pool, labeled=labeled, budget=6, seed=0, **params)

@@ -22,7 +22,7 @@ from activelab.inference.fisher import (
 )
 from activelab.inference.forward import forward_pass
 
-from .conftest import TinyNet, make_pool
+from .conftest import AWKWARD_MODELS, TinyNet, make_pool
 
 
 def _model() -> TinyNet:
@@ -46,7 +46,9 @@ def _loop_grads(model: nn.Module, pool, indices: np.ndarray):
         probs.append(lp.exp().detach().double())
         per_class = {n: [] for n in params}
         for c in range(len(lp)):
-            grads = torch.autograd.grad(lp[c], list(params.values()), retain_graph=True)
+            grads = torch.autograd.grad(
+                lp[c], list(params.values()), retain_graph=True, allow_unused=True, materialize_grads=True
+            )
             for n, g in zip(params, grads, strict=True):
                 per_class[n].append(g.double())
         for n in params:
@@ -235,3 +237,33 @@ def test_gathered_conv_products_equal_an_einsum(k):
     rows, cols = flat // 5, flat % 5
     expected = torch.einsum("bcrl,bql->bcrq", g, u).reshape(2, 3, 20)[:, :, flat]
     torch.testing.assert_close(gather_products(g, u, rows, cols), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(AWKWARD_MODELS))
+def test_signal_embeddings_on_awkward_models_equal_the_loop(name):
+    """Every tensor of a model with an unused head, tied weights or a sequence-first Linear, in the mask: the
+    signal method equals the per-sample loop (zeros for the unused head)."""
+    torch.manual_seed(0)
+    model = AWKWARD_MODELS[name]().eval()
+    pool = make_pool(n=8)
+    idx = np.array([5, 0, 7, 2, 3])
+    params = dict(model.named_parameters())
+    names = tuple(params)
+    indices = tuple(torch.arange(params[n].numel()) for n in names)
+    mask = FisherMask(names, indices, "fc.weight", False)
+    got = masked_fisher_embeddings(model, pool, idx, mask, chunk_size=2, method="signals")
+    grads, p = _loop_grads(model, pool, idx)
+    cols = [grads[n].flatten(2)[:, :, i] for n, i in zip(names, indices, strict=True)]
+    expected = (torch.cat(cols, dim=2) * p.sqrt().unsqueeze(2)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("include_bias", [False, True])
+def test_closed_form_embeddings_in_float32_equal_float64(include_bias):
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(5), size=7)
+    feats = rng.normal(size=(7, 6))
+    v64 = last_layer_fisher_embeddings(probs, feats, include_bias=include_bias, dtype=np.float64)
+    v32 = last_layer_fisher_embeddings(probs, feats, include_bias=include_bias, dtype=np.float32)
+    assert v32.dtype == np.float32 and v64.shape == v32.shape == (7, 5, 5 * 6 + (5 if include_bias else 0))
+    np.testing.assert_allclose(v32, v64, rtol=1e-6, atol=1e-7)

@@ -20,7 +20,7 @@ from activelab.inference.gradients import (
 from activelab.models import LeNet
 from activelab.train import get_trainer
 
-from .conftest import TinyNet, make_pool
+from .conftest import AWKWARD_MODELS, TinyNet, make_pool
 
 
 class BNNet(nn.Module):
@@ -270,3 +270,16 @@ def test_signal_scores_equal_the_loop_in_float64_on_resnet10():
     for norm in NORMS:
         got = entropy_gradient_norms(model, pool, idx, norm=norm, chunk_size=2)
         np.testing.assert_allclose(got, entropy_gradient_norms_loop(model, pool, idx, norm=norm), rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(AWKWARD_MODELS))
+def test_awkward_models_get_the_loop_scores(name):
+    """A head that does not reach the logits (zero gradient, not an error), tied weights and a sequence-first
+    Linear (both handed to vmap by the planner) give the per-sample loop's scores."""
+    torch.manual_seed(0)
+    model = AWKWARD_MODELS[name]().eval()
+    pool = _pool(9, 8)
+    idx = np.arange(9)
+    for norm in ("per_tensor_sum", "global"):
+        got = entropy_gradient_norms(model, pool, idx, norm=norm, chunk_size=4)
+        np.testing.assert_allclose(got, entropy_gradient_norms_loop(model, pool, idx, norm=norm), rtol=1e-4)

@@ -72,10 +72,11 @@ def auto_chunk(
 
 
 def _probe(model: nn.Module, dataset: Dataset, indices: np.ndarray, device: torch.device) -> tuple[torch.Tensor, int]:
-    """The first sample as a batch of one, and the number of classes C read from the model's output on it."""
+    """The first two samples (one if there is only one) as a batch, and the number of classes C read from the
+    model's output on it."""
     if len(indices) == 0:
         raise ActivelabError("no samples to differentiate")
-    x, _ = next(iter_batches(dataset, indices[:1], 1))
+    x, _ = next(iter_batches(dataset, indices[:2], 2))
     x = x.to(device)
     with torch.no_grad():
         return x, int(model(x).shape[-1])
@@ -354,18 +355,22 @@ def last_layer_fisher_embeddings(
     For logits z = W h + b: d log p(c|x) / d W = (e_c - p) h^T, so row c is sqrt(p_c) (e_c - p) (x) h, flattened
     like ``W`` ((C, d) row-major). ``include_bias`` appends d log p(c|x) / d b = e_c - p (BAIT's code leaves the
     bias out). ``probs`` (N, C) and ``features`` h (N, d, the classifier's input) come from one forward pass.
-    Time and memory O(N C^2 d).
+    Time O(N C^2 d); memory: the output (N, C, K) in ``dtype``, written in place (no float64 intermediate
+    of that size), plus O(N C^2 + N d).
     """
     _check_weighting(weighting)
     probs = np.asarray(probs, dtype=np.float64)
-    h = np.asarray(features, dtype=np.float64)
     n, c = probs.shape
+    h = np.asarray(features)
     if h.shape[0] != n:
         raise ActivelabError(f"probs has {n} rows but features has {h.shape[0]}")
+    d = h.reshape(n, -1).shape[1]
     a = np.eye(c)[None, :, :] - probs[:, None, :]  # (N, C rows, C outputs): e_c - p
     if weighting == "sqrt_p":
         a = a * np.sqrt(probs)[:, :, None]
-    v = (a[:, :, :, None] * h[:, None, None, :]).reshape(n, c, -1)
+    out = np.empty((n, c, c * d + (c if include_bias else 0)), dtype=dtype)
+    weight_part = out[:, :, : c * d].reshape(n, c, c, d)  # a view: the last axis is split, not copied
+    np.multiply(a.astype(dtype)[:, :, :, None], h.reshape(n, d).astype(dtype)[:, None, None, :], out=weight_part)
     if include_bias:
-        v = np.concatenate([v, a], axis=2)
-    return v.astype(dtype, copy=False)
+        out[:, :, c * d :] = a
+    return out

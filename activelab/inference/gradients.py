@@ -143,7 +143,7 @@ def _signal_plan(model: nn.Module, dataset: Dataset, indices: np.ndarray, names:
     """The signal layers holding every tensor of ``names``, or None if some tensor is not covered."""
     params = dict(model.named_parameters())
     wanted = {n: torch.arange(params[n].numel()) for n in names}
-    probe, _ = next(iter_batches(dataset, indices[:1], 1))
+    probe, _ = next(iter_batches(dataset, indices[:2], 2))
     layers, fallback = plan_signal_layers(model, wanted, probe.to(model_device(model)))
     return None if fallback else layers
 

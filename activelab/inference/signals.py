@@ -56,18 +56,33 @@ def samples_independent(model: nn.Module) -> bool:
     )
 
 
+def _shared_parameter_names(model: nn.Module) -> set[str]:
+    """Names (as ``named_parameters`` gives them) of parameters that more than one module holds (tied weights):
+    a hook on one module would miss the others' share of the gradient."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    return {names[0] for names in owners.values() if len(names) > 1}
+
+
 def plan_signal_layers(
     model: nn.Module, wanted: Mapping[str, torch.Tensor], probe: torch.Tensor
 ) -> tuple[list[SignalLayer], list[str]]:
-    """Split the wanted parameter tensors ({name: sorted flat indices}) into signal layers (supported modules
-    called exactly once in a forward pass of ``probe``) and fallback tensor names (to differentiate directly)."""
+    """Split the wanted parameter tensors ({name: sorted flat indices}) into signal layers and fallback tensor
+    names (to differentiate directly).
+
+    A signal layer is a supported module whose parameters no other module shares, called exactly once in a
+    forward pass of ``probe`` (give at least two samples), with an output whose first dimension is the batch
+    (a Linear over a (T, B, d) sequence-first tensor would not be). ``probe`` is only run, never differentiated.
+    """
     modules = dict(model.named_modules())
+    shared = _shared_parameter_names(model)
     layers: dict[str, SignalLayer] = {}
     fallback: list[str] = []
     for name, idx in wanted.items():
         prefix, _, attr = name.rpartition(".")
         module = modules.get(prefix)
-        if module is None or attr not in ("weight", "bias") or not signal_supported(module):
+        if module is None or attr not in ("weight", "bias") or not signal_supported(module) or name in shared:
             fallback.append(name)
             continue
         layer = layers.setdefault(prefix, SignalLayer(prefix, module, None, None))
@@ -85,7 +100,8 @@ def plan_signal_layers(
             h.remove()
     kept = []
     for n, layer in layers.items():
-        if len(calls[n]) != 1:  # a shared module (called twice) or an unused one: differentiate its parameters
+        # a module called twice or never, or whose output is not batch-first: differentiate its parameters
+        if len(calls[n]) != 1 or not calls[n][0] or calls[n][0][0] != probe.shape[0]:
             fallback += [f"{n}.{a}" for a in ("weight", "bias") if getattr(layer, a) is not None]
             continue
         layer.out_shape = calls[n][0]
@@ -129,8 +145,13 @@ def layer_signals(
         for h in handles:
             h.remove()
     names = [layer.name for layer in layers]
+    if not names:
+        return out.detach(), {}, saved
+    # a layer that runs but does not reach the objective (e.g. an auxiliary head) gets zero signals
     per_objective = [
-        torch.autograd.grad(t, [eps[n] for n in names], retain_graph=i < len(targets) - 1)
+        torch.autograd.grad(
+            t, [eps[n] for n in names], retain_graph=i < len(targets) - 1, allow_unused=True, materialize_grads=True
+        )
         for i, t in enumerate(targets)
     ]
     signals = {n: torch.stack([g[i] for g in per_objective], dim=1) for i, n in enumerate(names)}

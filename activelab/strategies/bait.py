@@ -43,6 +43,7 @@ from ..inference.fisher import (
     diagonal_fisher,
     fisher_mask,
     last_layer_fisher_embeddings,
+    mask_size,
     masked_fisher_embeddings,
     masked_fisher_gram,
     num_classes_of,
@@ -456,14 +457,16 @@ class FisherMaskStrategy(Strategy):
         if budget == len(positions):
             return positions
         weight = f"{ctx.classifier}.weight"
-        num_classes_of(ctx.model, weight)  # a clear error (before the Fisher) if the classifier has no weight
+        n_classes = num_classes_of(ctx.model, weight)  # a clear error (before the Fisher) if there is no weight
+        dtype = np.float32 if p.precision == "float32" else np.float64
+        # K is known before the diagonal Fisher: floor(pct P), at least the classifier weight. The embeddings
+        # arrive as float32 and are converted: both copies are alive for a moment.
+        trainable = [q for q in ctx.model.parameters() if q.requires_grad]
+        k = max(mask_size(sum(q.numel() for q in trainable), p.pct), dict(ctx.model.named_parameters())[weight].numel())
+        itemsize = np.dtype(dtype).itemsize + (4 if dtype is np.float64 else 0)
+        check_selection_memory("fishermask", len(positions), n_classes, k, itemsize)
         fisher = diagonal_fisher(ctx.model, pool, sample, p.chunk_size)
         mask = fisher_mask(fisher, weight, p.pct)
-        dtype = np.float32 if p.precision == "float32" else np.float64
-        n_classes = num_classes_of(ctx.model, weight)
-        # the embeddings arrive as float32 and are converted: both copies are alive for a moment
-        itemsize = np.dtype(dtype).itemsize + (4 if dtype is np.float64 else 0)
-        check_selection_memory("fishermask", len(positions), n_classes, mask.size, itemsize)
         v = masked_fisher_embeddings(ctx.model, pool, candidates[positions], mask, p.weighting, p.chunk_size)
         v = v.astype(dtype, copy=False)
         labeled_sum = (
