@@ -30,17 +30,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _measure import write_results
+from _measure import clock, write_results
 
 from activelab.strategies.badge import badge_factors, kmeans_pp_dense, kmeans_pp_factorised, materialise
 
 
 def timed(fn):
+    """:func:`_measure.clock` of ``fn`` plus its peak of traced (Python and numpy) memory, in MiB."""
     tracemalloc.start()
     tracemalloc.reset_peak()
-    c0, w0 = time.process_time(), time.perf_counter()
-    out = fn()
-    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    out, cpu, wall = clock(fn)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return out, cpu, wall, peak / 2**20

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _measure import write_results
+from _measure import clock, write_results
 
 from activelab.strategies.bait import _gram_sum, bait_core, bait_select_reference
 
@@ -50,12 +50,6 @@ def problem(n: int, c: int, k: int, n_labeled: int, seed: int):
     i_l = lab_sum / max(1, n_labeled)
     f_u = (_gram_sum(v) + lab_sum) / (n + n_labeled)
     return v, f_u, (i_l if n_labeled else None)
-
-
-def clock(fn):
-    c0, w0 = time.process_time(), time.perf_counter()
-    out = fn()
-    return out, time.process_time() - c0, time.perf_counter() - w0
 
 
 def forward_seconds(n: int, classes: int) -> float:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _measure import write_results
+from _measure import clock, write_results
 
 from activelab.api import run_strategy
 from activelab.data.arrays import ArrayDataset
@@ -114,12 +114,6 @@ def backward_floor(model, pool, indices, layer_names, chunk: int = 64) -> float:
     return t
 
 
-def cpu(fn):
-    c0 = time.process_time()
-    out = fn()
-    return out, time.process_time() - c0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=5000, help="unlabeled candidates")
@@ -145,14 +139,14 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     pct = (args.k + 0.5) / n_params
 
-    _, t_fwd = cpu(lambda: forward_pass(model, pool, np.arange(len(pool)), 512, embeddings=True))
+    _, t_fwd, _ = clock(lambda: forward_pass(model, pool, np.arange(len(pool)), 512, embeddings=True))
     sample = np.sort(np.random.default_rng(args.seed).choice(len(pool), min(1024, len(pool)), replace=False))
-    fisher, t_fisher = cpu(lambda: diagonal_fisher(model, pool, sample))
+    fisher, t_fisher, _ = clock(lambda: diagonal_fisher(model, pool, sample))
     mask = fisher_mask(fisher, "fc2.weight", pct)
-    v, t_batched = cpu(lambda: masked_fisher_embeddings(model, pool, candidates, mask, method="signals"))
-    v_jac, t_jac = cpu(lambda: masked_fisher_embeddings(model, pool, candidates, mask, method="jacobian"))
+    v, t_batched, _ = clock(lambda: masked_fisher_embeddings(model, pool, candidates, mask, method="signals"))
+    v_jac, t_jac, _ = clock(lambda: masked_fisher_embeddings(model, pool, candidates, mask, method="jacobian"))
     m = args.loop_samples
-    v_loop, t_loop_m = cpu(lambda: loop_embeddings(model, pool, candidates[:m], mask))
+    v_loop, t_loop_m, _ = clock(lambda: loop_embeddings(model, pool, candidates[:m], mask))
     t_loop = t_loop_m * args.n / m
     layer_names = sorted({n.rpartition(".")[0] for n in mask.names})
     t_floor = backward_floor(model, pool, candidates, layer_names)
@@ -187,7 +181,7 @@ def main() -> None:
         for name, strategy in runs:
             info: dict = {}
             rng = np.random.default_rng(args.seed)
-            _, t = cpu(lambda s=strategy, i=info, r=rng: run_strategy(s, model, pool, labeled, args.budget, r, info=i))
+            _, t, _ = clock(lambda: run_strategy(strategy, model, pool, labeled, args.budget, rng, info=info))  # noqa: B023
             note = ", ".join(f"{k.split('_', 1)[1]}={v}" for k, v in info.items() if "counts" not in k)
             lines.append(f"{name:<34}{t:>10.2f}{t / t_fwd:>11.1f}  {note}")
     text = "\n".join(lines)

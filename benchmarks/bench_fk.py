@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 import torch
-from _measure import rss_mb
+from _measure import clock, rss_mb
 
 
 def load_data(pool_size: int, val_size: int, synthetic: bool):
@@ -73,17 +73,6 @@ def make_model(pool, train_size: int = 2000):
         loss.backward()
         opt.step()
     return model
-
-
-def timed(fn, repeats: int = 1):
-    """(CPU seconds, wall seconds, result), the fastest of ``repeats`` by CPU time. With one torch thread the
-    process CPU time is what the work costs; wall time also counts waiting for a shared, busy CPU."""
-    best, out = (float("inf"), float("inf")), None
-    for _ in range(repeats):
-        c, w = time.process_time(), time.perf_counter()
-        out = fn()
-        best = min(best, (time.process_time() - c, time.perf_counter() - w))
-    return best[0], best[1], out
 
 
 def naive_kcenter(x: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
@@ -160,7 +149,7 @@ def main() -> None:
     model = make_model(pool)
     idx = np.arange(len(pool))
     forward_pass(model, pool, idx[:2048], 512)  # warm-up
-    t_fwd, w_fwd, _ = timed(lambda: forward_pass(model, pool, idx, 512), repeats=3)
+    _, t_fwd, w_fwd = clock(lambda: forward_pass(model, pool, idx, 512), repeats=3)
     val_pred = forward_pass(model, val, np.arange(len(val)), 512).logits.argmax(1)
     n_miss = int((val_pred != val.targets).sum())
     print(f"# data: {source}, pool {len(pool)}, validation {len(val)} ({n_miss} misclassified), b={args.budget}")
@@ -170,15 +159,15 @@ def main() -> None:
         return activelab.select("fk", model, pool, budget=args.budget, validation=val, seed=0, **params)
 
     r = args.repeats
-    t_phat, w_phat, _ = timed(lambda: fk(estimator="p_hat"), r)
-    t_arg20, w_arg20, _ = timed(lambda: fk(estimator="argmax", taps=["conv2"]), r)
-    t_rz, w_rz, _ = timed(lambda: fk(similarity="features"), r)
-    t_desc, w_desc, _ = timed(
+    _, t_phat, w_phat = clock(lambda: fk(estimator="p_hat"), r)
+    _, t_arg20, w_arg20 = clock(lambda: fk(estimator="argmax", taps=["conv2"]), r)
+    _, t_rz, w_rz = clock(lambda: fk(similarity="features"), r)
+    _, t_desc, w_desc = clock(
         lambda: compute_descriptors(model, pool, idx, ["conv1", "conv2", "fc1"], {"a": "argmax"}, 512), r
     )
 
     k = args.mc_passes
-    t_mc, w_mc, _ = timed(lambda: activelab.select("var_ratio", model, pool, budget=args.budget, seed=0, mc_samples=k))
+    _, t_mc, w_mc = clock(lambda: activelab.select("var_ratio", model, pool, budget=args.budget, seed=0, mc_samples=k))
     t_mc128, w_mc128 = t_mc * 128 / k, w_mc * 128 / k
     mc_note = "measured" if k == 128 else f"estimated: {k} passes measured, x {128 / k:g}"
 
@@ -187,8 +176,8 @@ def main() -> None:
     miss = np.flatnonzero(vd.predictions != val.targets)
     vec = similarity_vectors(vd.z[miss], vd.segments, vd.g["y"][miss])
     b = min(args.budget, len(miss) - 1)
-    t_km, _, picks = timed(lambda: kcenter_running_max(vec, b, np.random.default_rng(0)))
-    t_kn, _, naive = timed(lambda: naive_kcenter(vec, b, np.random.default_rng(0)))
+    picks, t_km, _ = clock(lambda: kcenter_running_max(vec, b, np.random.default_rng(0)))
+    naive, t_kn, _ = clock(lambda: naive_kcenter(vec, b, np.random.default_rng(0)))
     assert picks.tolist() == naive, "running-max k-center disagrees with the naive one"
 
     rows = [

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _measure import peak_rss_mb, reset_peak_rss, rss_mb
 from torch.nn import functional as F
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -129,27 +130,18 @@ def bench_training(args) -> list[str]:
     return lines
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def _reset_peak() -> tuple[int, str]:
     """Reset the peak-RSS mark if the kernel allows it; return (baseline bytes, method)."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kib("VmRSS") * 1024, "VmHWM"
+        reset_peak_rss()
+        return int(rss_mb() * 2**20), "VmHWM"
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
 
 
 def _peak(method: str) -> int:
     if method == "VmHWM":
-        return _status_kib("VmHWM") * 1024
+        return int(peak_rss_mb() * 2**20)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
