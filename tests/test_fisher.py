@@ -267,3 +267,14 @@ def test_closed_form_embeddings_in_float32_equal_float64(include_bias):
     v32 = last_layer_fisher_embeddings(probs, feats, include_bias=include_bias, dtype=np.float32)
     assert v32.dtype == np.float32 and v64.shape == v32.shape == (7, 5, 5 * 6 + (5 if include_bias else 0))
     np.testing.assert_allclose(v32, v64, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("pct", [0.001, 0.05, 0.3, 1.0])
+def test_planned_mask_size_is_the_size_fisher_mask_gives(pct):
+    from activelab.inference.fisher import planned_mask_size
+
+    model, pool = _model(), make_pool(n=12)
+    mask = fisher_mask(diagonal_fisher(model, pool, np.arange(6)), "fc2.weight", pct)
+    assert planned_mask_size(model, "fc2.weight", pct) == mask.size
+    with pytest.raises(ActivelabError, match="no parameter"):
+        planned_mask_size(model, "head.weight", pct)

@@ -172,6 +172,14 @@ def mask_size(num_params: int, pct: float) -> int:
     return int(np.floor(pct * num_params))
 
 
+def planned_mask_size(model: nn.Module, classifier_weight: str, pct: float) -> int:
+    """The size :func:`fisher_mask` will give a mask of ``model``'s trainable parameters, known before the
+    diagonal Fisher is computed: floor(pct * P), but never less than the whole classifier weight."""
+    num_classes_of(model, classifier_weight)  # a clear error if the model has no such weight
+    n_last = dict(model.named_parameters())[classifier_weight].numel()
+    return max(mask_size(sum(q.numel() for q in trainable_parameters(model).values()), pct), n_last)
+
+
 def fisher_mask(fisher: Mapping[str, torch.Tensor], classifier_weight: str, pct: float) -> FisherMask:
     """The FISH mask for FisherMask: K = floor(pct * P) entries, P = the number of entries of ``fisher``.
 

@@ -43,10 +43,10 @@ from ..inference.fisher import (
     diagonal_fisher,
     fisher_mask,
     last_layer_fisher_embeddings,
-    mask_size,
     masked_fisher_embeddings,
     masked_fisher_gram,
     num_classes_of,
+    planned_mask_size,
 )
 from .base import Strategy, StrategyParams, register
 
@@ -385,14 +385,11 @@ class Bait(Strategy):
             return positions
         dtype = np.float32 if p.precision == "float32" else np.float64
         probs, feats = ctx.probs("candidates"), ctx.embeddings("candidates")
-        k = probs.shape[1] * feats.shape[1] + (probs.shape[1] if p.include_bias else 0)
-        check_selection_memory("bait", len(positions), probs.shape[1], k, np.dtype(dtype).itemsize)
-        v = last_layer_fisher_embeddings(
-            ctx.probs("candidates")[positions],
-            ctx.embeddings("candidates")[positions],
-            include_bias=p.include_bias,
-            dtype=dtype,
+        c = probs.shape[1]
+        check_selection_memory(
+            "bait", len(positions), c, c * feats.shape[1] + c * p.include_bias, np.dtype(dtype).itemsize
         )
+        v = last_layer_fisher_embeddings(probs[positions], feats[positions], include_bias=p.include_bias, dtype=dtype)
         n_l = len(ctx.labeled)
         labeled_sum = np.zeros((v.shape[2], v.shape[2]))
         if n_l:
@@ -459,11 +456,9 @@ class FisherMaskStrategy(Strategy):
         weight = f"{ctx.classifier}.weight"
         n_classes = num_classes_of(ctx.model, weight)  # a clear error (before the Fisher) if there is no weight
         dtype = np.float32 if p.precision == "float32" else np.float64
-        # K is known before the diagonal Fisher: floor(pct P), at least the classifier weight. The embeddings
-        # arrive as float32 and are converted: both copies are alive for a moment.
-        trainable = [q for q in ctx.model.parameters() if q.requires_grad]
-        k = max(mask_size(sum(q.numel() for q in trainable), p.pct), dict(ctx.model.named_parameters())[weight].numel())
+        # the embeddings arrive as float32 and are converted: both copies are alive for a moment
         itemsize = np.dtype(dtype).itemsize + (4 if dtype is np.float64 else 0)
+        k = planned_mask_size(ctx.model, weight, p.pct)
         check_selection_memory("fishermask", len(positions), n_classes, k, itemsize)
         fisher = diagonal_fisher(ctx.model, pool, sample, p.chunk_size)
         mask = fisher_mask(fisher, weight, p.pct)
