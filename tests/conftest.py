@@ -34,6 +34,16 @@ class TinyNet(nn.Module):
         return self.fc2(self.drop(x))
 
 
+def randomise_batchnorm(*layers: nn.modules.batchnorm._BatchNorm) -> None:
+    """Non-trivial running statistics and affine parameters, so that eval-mode BatchNorm is not an identity."""
+    with torch.no_grad():
+        for bn in layers:
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+
+
 class AuxHeadNet(nn.Module):
     """An auxiliary head that runs in forward but does not reach the logits (its input is detached)."""
 

@@ -22,7 +22,7 @@ from activelab.inference.fisher import (
 )
 from activelab.inference.forward import forward_pass
 
-from .conftest import AWKWARD_MODELS, TinyNet, make_pool
+from .conftest import AWKWARD_MODELS, TinyNet, make_pool, randomise_batchnorm
 
 
 def _model() -> TinyNet:
@@ -125,12 +125,7 @@ class _Odd(nn.Module):
 def test_signal_method_covers_batchnorm_grouped_shared_and_mapped_layers():
     torch.manual_seed(0)
     model = _Odd()
-    with torch.no_grad():
-        for bn in (model.bn, model.bn1):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.2, 0.2)
+    randomise_batchnorm(model.bn, model.bn1)
     model.eval()
     pool = make_pool(n=8)
     idx = np.array([5, 0, 7])

@@ -20,7 +20,7 @@ from activelab.inference.gradients import (
 from activelab.models import LeNet
 from activelab.train import get_trainer
 
-from .conftest import AWKWARD_MODELS, TinyNet, make_pool
+from .conftest import AWKWARD_MODELS, TinyNet, make_pool, randomise_batchnorm
 
 
 class BNNet(nn.Module):
@@ -46,12 +46,8 @@ class BNNet(nn.Module):
 def _bn_net() -> BNNet:
     torch.manual_seed(0)
     model = BNNet()
+    randomise_batchnorm(model.bn1, model.bn2)
     with torch.no_grad():
-        for bn in (model.bn1, model.bn2):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.2, 0.2)
         model.fc.weight.mul_(4)  # confident, non-uniform predictions
     return model
 
