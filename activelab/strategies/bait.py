@@ -48,6 +48,7 @@ from ..inference.fisher import (
     num_classes_of,
     planned_mask_size,
 )
+from . import base
 from .base import Strategy, StrategyParams, register
 
 # -- the selection core: pure functions of arrays --------------------------------------------------------------
@@ -285,14 +286,9 @@ def pool_fisher(
 
 
 def candidate_subset(n_candidates: int, subset: int | None, budget: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted positions of a seeded random subset of the candidates (all of them when ``subset`` is None or
-    covers them); never fewer than 2 x ``budget``, so that the oversampled forward pass has room."""
-    if subset is None:
-        return np.arange(n_candidates, dtype=np.int64)
-    size = max(subset, 2 * budget)
-    if n_candidates <= size:
-        return np.arange(n_candidates, dtype=np.int64)
-    return np.sort(rng.choice(n_candidates, size=size, replace=False)).astype(np.int64)
+    """:func:`.base.candidate_subset` of ``subset`` candidates (all of them when ``subset`` is None or covers
+    them), but never fewer than 2 x ``budget``, so that the oversampled forward pass has room."""
+    return base.candidate_subset(n_candidates, None if subset is None else max(subset, 2 * budget), budget, rng)
 
 
 def selection_memory_bytes(n: int, c: int, k: int, itemsize: int) -> int:

@@ -119,3 +119,13 @@ def top_scores(scores: np.ndarray, budget: int, rng: np.random.Generator) -> np.
     tie_break = rng.permutation(len(scores))
     order = np.lexsort((tie_break, -scores))
     return order[:budget].astype(np.int64)
+
+
+def candidate_subset(n_candidates: int, size: int | None, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions of a uniform random subset of ``size`` candidates (all of them if the pool is smaller
+    or ``size`` is None). The subset must hold at least ``budget`` samples."""
+    if size is None or size >= n_candidates:
+        return np.arange(n_candidates, dtype=np.int64)
+    if size < budget:
+        raise ActivelabError(f"subset={size} is smaller than the budget {budget}: raise subset to at least the budget")
+    return np.sort(rng.choice(n_candidates, size=size, replace=False)).astype(np.int64)

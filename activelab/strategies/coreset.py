@@ -14,8 +14,7 @@ from pydantic import Field
 
 from ..errors import ActivelabError
 from ..inference.forward import forward_pass
-from .base import Strategy, StrategyParams, register
-from .gradnorm import candidate_subset
+from .base import Strategy, StrategyParams, candidate_subset, register
 
 #: Rows x columns of one block of the candidate-to-labeled distance matrix.
 BLOCK_ELEMENTS = 2**20

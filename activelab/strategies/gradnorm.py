@@ -9,22 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 from pydantic import Field
 
-from ..errors import ActivelabError
 from ..inference.gradients import entropy_gradient_norms
-from .base import Strategy, StrategyParams, register, top_scores
-
-
-def candidate_subset(n_candidates: int, size: int | None, budget: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted positions of a uniform random subset of ``size`` candidates (all of them if the pool is smaller
-    or ``size`` is None). The subset must hold at least ``budget`` samples."""
-    if size is None or size >= n_candidates:
-        return np.arange(n_candidates, dtype=np.int64)
-    if size < budget:
-        raise ActivelabError(f"subset={size} is smaller than the budget {budget}: raise subset to at least the budget")
-    return np.sort(rng.choice(n_candidates, size=size, replace=False)).astype(np.int64)
+from .base import Strategy, StrategyParams, candidate_subset, register, top_scores
 
 
 class GradNormParams(StrategyParams):

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..train.loss_prediction import loss_module, predicted_losses
-from .base import Strategy, StrategyParams, register, top_scores
-from .gradnorm import candidate_subset
+from .base import Strategy, StrategyParams, candidate_subset, register, top_scores
 
 
 class LL4ALParams(StrategyParams):
