@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing, resident-memory readings (Linux /proc) and saving a result
-table.
+"""Helpers shared by the benchmark scripts: timing, resident-memory readings (Linux /proc), the backward-pass
+floor of layer-output gradients, and saving a result table.
 
 The scripts run as ``python benchmarks/bench_*.py``, so this folder is on ``sys.path`` and they import this
 module as ``_measure``.
@@ -44,6 +44,33 @@ def peak_rss_mb() -> float:
     """The peak resident set size (VmHWM) since the process started or since :func:`reset_peak_rss`, in MiB."""
     with open("/proc/self/status") as f:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def backward_to_outputs(model, x, modules, objectives) -> list:
+    """One forward pass of ``x`` with a hook adding a zero tensor (requiring grad) to each of ``modules``'
+    outputs, then one backward pass per scalar of ``objectives(output)`` w.r.t. those zeros only: the gradients
+    at the layer outputs and nothing else (no weight gradients), i.e. the least work of any exact method that
+    needs them. Written independently of :mod:`activelab.inference.signals`, whose cost it bounds.
+    Returns the objectives, detached."""
+    import torch
+
+    eps = []
+
+    def add(_module, _inputs, output):
+        e = torch.zeros_like(output, requires_grad=True)
+        eps.append(e)
+        return output + e
+
+    handles = [m.register_forward_hook(add) for m in modules]
+    try:
+        with torch.enable_grad():
+            targets = list(objectives(model(x)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, t in enumerate(targets):
+        torch.autograd.grad(t, eps, retain_graph=i < len(targets) - 1, allow_unused=True)
+    return [t.detach() for t in targets]
 
 
 def write_results(text: str, out: str | Path) -> None:

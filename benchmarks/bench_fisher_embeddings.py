@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _measure import clock, write_results
+from _measure import backward_to_outputs, clock, write_results
 
 from activelab.api import run_strategy
 from activelab.data.arrays import ArrayDataset
@@ -92,22 +92,11 @@ def backward_floor(model, pool, indices, layer_names, chunk: int = 64) -> float:
     modules = dict(model.named_modules())
     for p in model.parameters():
         p.requires_grad_(False)
+    layers = [modules[n] for n in layer_names]
     c0 = time.process_time()
     for s in range(0, len(indices), chunk):
         x, _ = pool.batch(indices[s : s + chunk])
-        eps = []
-
-        def add(_m, _i, out, eps=eps):
-            e = torch.zeros_like(out, requires_grad=True)
-            eps.append(e)
-            return out + e
-
-        handles = [modules[n].register_forward_hook(add) for n in layer_names]
-        lp = torch.log_softmax(model(x), dim=1)
-        for h in handles:
-            h.remove()
-        for c in range(lp.shape[1]):
-            torch.autograd.grad(lp[:, c].sum(), eps, retain_graph=c < lp.shape[1] - 1)
+        backward_to_outputs(model, x, layers, lambda z: list(torch.log_softmax(z, dim=1).sum(dim=0)))
     t = time.process_time() - c0
     for p in model.parameters():
         p.requires_grad_(True)

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 import torch
-from _measure import peak_rss_mb, reset_peak_rss, rss_mb
+from _measure import backward_to_outputs, peak_rss_mb, reset_peak_rss, rss_mb
 
 
 def setup(model_name: str, n: int, seed: int = 0):
@@ -81,30 +81,16 @@ def setup(model_name: str, n: int, seed: int = 0):
 
 
 def backward_floor(model, data, subset, chunk: int) -> np.ndarray:
-    """One forward and one backward pass of the chunk's summed entropy, gradients w.r.t. every Linear / Conv2d /
-    BatchNorm output only (zeros added by hooks), weights held constant; returns the entropies."""
+    """One forward and one backward pass of each chunk's summed entropy, gradients w.r.t. every Linear / Conv2d /
+    BatchNorm output only (:func:`_measure.backward_to_outputs`); returns the chunks' summed entropies."""
     from activelab.data.arrays import iter_batches
     from activelab.inference.gradients import entropy
 
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.BatchNorm2d))]
     out = []
     for x, _ in iter_batches(data, subset, chunk):
-        eps = []
-
-        def add(_m, _i, output, eps=eps):
-            e = torch.zeros_like(output, requires_grad=True)
-            eps.append(e)
-            return output + e
-
-        handles = [m.register_forward_hook(add) for m in layers]
-        try:
-            with torch.enable_grad():
-                h = entropy(model(x))
-        finally:
-            for handle in handles:
-                handle.remove()
-        torch.autograd.grad(h.sum(), eps, allow_unused=True)
-        out.append(h.detach())
+        (total,) = backward_to_outputs(model, x, layers, lambda logits: [entropy(logits).sum()])
+        out.append(total.reshape(1))
     return torch.cat(out).numpy()
 
 
