@@ -222,16 +222,57 @@ def test_bad_weighting_is_an_error():
         last_layer_fisher_embeddings(np.full((2, 2), 0.5), np.ones((2, 3)), weighting="p")
 
 
-@pytest.mark.parametrize("k", [3, 20])  # a sparse mask (one product per output channel) and a dense one (one matmul)
-def test_gathered_conv_products_equal_an_einsum(k):
+_DIAGONAL = (torch.arange(6), torch.tensor([4, 0, 7, 1, 9, 3]))  # 6 pairs in 6 rows x 6 cols: the per-row path
+
+
+@pytest.mark.parametrize("positions", [7, 1])  # a convolution's output positions; 1: a linear layer
+@pytest.mark.parametrize("pairs", ["diagonal", "block", "whole", "random"])
+def test_gathered_products_equal_an_einsum(pairs, positions):
+    """Every path of gather_products (one product per distinct row, a dense block of the wanted rows and
+    columns then a gather, the whole block in order) against an einsum over every (row, col) pair."""
     from activelab.inference.signals import gather_products
 
-    g = torch.randn(2, 3, 4, 7, generator=torch.Generator().manual_seed(0))  # (B, C, rows, positions)
-    u = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(1))  # (B, cols, positions)
-    flat = torch.randperm(20, generator=torch.Generator().manual_seed(2))[:k]  # unsorted, as a stress
-    rows, cols = flat // 5, flat % 5
-    expected = torch.einsum("bcrl,bql->bcrq", g, u).reshape(2, 3, 20)[:, :, flat]
+    n_rows, n_cols = 8, 10
+    g = torch.randn(2, 3, n_rows, positions, generator=torch.Generator().manual_seed(0))  # (B, C, rows, L)
+    u = torch.randn(2, n_cols, positions, generator=torch.Generator().manual_seed(1))  # (B, cols, L)
+    if pairs == "diagonal":
+        rows, cols = _DIAGONAL
+    elif pairs == "block":  # rows {1, 5} x cols {2, 3, 8}, unsorted, one pair missing
+        rows, cols = torch.tensor([5, 1, 1, 5, 1]), torch.tensor([8, 2, 3, 2, 8])
+    elif pairs == "whole":
+        rows, cols = torch.arange(n_rows * n_cols) // n_cols, torch.arange(n_rows * n_cols) % n_cols
+    else:
+        flat = torch.randperm(n_rows * n_cols, generator=torch.Generator().manual_seed(2))[:30]
+        rows, cols = flat // n_cols, flat % n_cols
+    expected = torch.einsum("bcrl,bql->bcrq", g, u)[:, :, rows, cols]
     torch.testing.assert_close(gather_products(g, u, rows, cols), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 1.0])
+def test_signal_embeddings_on_random_masks_equal_the_loop(fraction):
+    """Random masks of several densities over every tensor of a conv net, so that layers keep the signals of
+    some output units only and unfold some input channels only (sparse masks) or all of them (dense)."""
+    torch.manual_seed(1)
+    model = TinyNet().eval()  # conv2 reads 4 input channels: a sparse mask unfolds only some
+    pool = make_pool(n=8)
+    idx = np.array([6, 1, 4])
+    rng = np.random.default_rng(3)
+    params = dict(model.named_parameters())
+    names = tuple(params)
+    indices = [
+        torch.as_tensor(np.sort(rng.choice(p.numel(), max(1, int(fraction * p.numel())), replace=False)))
+        for p in params.values()
+    ]
+    if fraction < 1:  # conv2's entries read input channels 1 and 3 only: only those are unfolded
+        flat = indices[names.index("conv2.weight")]
+        indices[names.index("conv2.weight")] = flat[torch.isin((flat % 36) // 9, torch.tensor([1, 3]))]
+        assert len(indices[names.index("conv2.weight")]) > 0
+    mask = FisherMask(names, tuple(indices), "fc2.weight", False)
+    got = masked_fisher_embeddings(model, pool, idx, mask, chunk_size=2, method="signals")
+    grads, p = _loop_grads(model, pool, idx)
+    cols = [grads[n].flatten(2)[:, :, i] for n, i in zip(names, mask.indices, strict=True)]
+    expected = (torch.cat(cols, dim=2) * p.sqrt().unsqueeze(2)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(AWKWARD_MODELS))

@@ -36,6 +36,28 @@ class SignalLayer:
     weight: torch.Tensor | None  # wanted flat indices into the module's weight (sorted), or None
     bias: torch.Tensor | None  # wanted flat indices into its bias, or None
     out_shape: tuple[int, ...] = ()
+    units: torch.Tensor | None = None  # the output units (channels / features) whose signals are needed; None: all
+
+    @property
+    def unit_dim(self) -> int:
+        """The dimension of the module's output (batch first) that indexes its units: features for Linear,
+        channels for Conv2d and BatchNorm."""
+        return -1 if isinstance(self.module, nn.Linear) else 1
+
+    def unit_positions(self, units: torch.Tensor) -> torch.Tensor:
+        """Where the given output units sit among the signals :func:`layer_signals` keeps for this layer."""
+        return units if self.units is None else torch.searchsorted(self.units, units)
+
+
+def _needed_units(module: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The output units that the wanted weight and bias entries involve (sorted), or None if that is all of them:
+    Linear weight (out, in) and Conv2d weight (out, in, kh, kw) entries belong to their first index, BatchNorm's
+    weight and every bias entry to their own index."""
+    n_units = module.weight.shape[0] if module.weight is not None else module.bias.shape[0]
+    per_unit = module.weight[0].numel() if module.weight is not None else 1
+    parts = ([weight // per_unit] if weight is not None else []) + ([bias] if bias is not None else [])
+    units = torch.unique(torch.cat(parts))
+    return None if len(units) == n_units else units
 
 
 def signal_supported(module: nn.Module) -> bool:
@@ -86,7 +108,7 @@ def plan_signal_layers(
             fallback.append(name)
             continue
         layer = layers.setdefault(prefix, SignalLayer(prefix, module, None, None))
-        setattr(layer, attr, idx)
+        setattr(layer, attr, torch.as_tensor(idx, dtype=torch.int64, device=probe.device))
     calls: dict[str, list[tuple[int, ...]]] = {n: [] for n in layers}
     handles = [
         layer.module.register_forward_hook(lambda _m, _i, out, n=n: calls[n].append(tuple(out.shape)))
@@ -105,6 +127,7 @@ def plan_signal_layers(
             fallback += [f"{n}.{a}" for a in ("weight", "bias") if getattr(layer, a) is not None]
             continue
         layer.out_shape = calls[n][0]
+        layer.units = _needed_units(layer.module, layer.weight, layer.bias)
         kept.append(layer)
     return kept, fallback
 
@@ -121,7 +144,8 @@ def layer_signals(
     ``objectives(output)`` returns scalars, each a sum over the batch of a per-sample quantity. The parameters
     are held constant (only the zeros require grad), so each pass computes the gradients w.r.t. the layer
     outputs and nothing else; as samples do not interact in eval mode, the gradient of the sum at sample b is
-    sample b's own. Returns (output detached, {name: signals (B, n_objectives, *out)}, {name: input (B, *in)}).
+    sample b's own. Returns (output detached, {name: signals (B, n_objectives, *out)}, {name: input (B, *in)}),
+    where a layer with ``units`` keeps only those units' signals (along its ``unit_dim``).
     """
     const = {n: p.detach() for n, p in model.named_parameters()}
     const.update({n: b.detach() for n, b in model.named_buffers()})
@@ -154,36 +178,50 @@ def layer_signals(
         )
         for i, t in enumerate(targets)
     ]
-    signals = {n: torch.stack([g[i] for g in per_objective], dim=1) for i, n in enumerate(names)}
+    signals = {}
+    for i, layer in enumerate(layers):
+        grads = [g[i] for g in per_objective]
+        if layer.units is not None:
+            units = layer.units.to(grads[0].device)
+            grads = [g.index_select(layer.unit_dim % g.dim(), units) for g in grads]
+        signals[layer.name] = torch.stack(grads, dim=1)
     return out.detach(), signals, saved
 
 
 def gather_products(g: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """out[b, c, k] = sum_l g[b, c, rows[k], l] * u[b, cols[k], l].
 
-    With l > 1 (convolutions: l runs over output positions) the entries are grouped by row, one batched matrix
-    product per distinct row (output channel), or, when at least a quarter of all (row, col) pairs is wanted,
-    every product in one matrix product followed by a gather; with l = 1 (linear layers) a gathered elementwise
-    product, in blocks of k so that memory stays bounded."""
-    if g.shape[-1] > 1:
-        b, c, n_rows, n_pos = g.shape
-        if 4 * len(rows) >= n_rows * u.shape[1]:  # a dense mask: all products in one matmul, then a gather
-            full = torch.matmul(g.reshape(b, c * n_rows, n_pos), u.transpose(1, 2)).reshape(b, c, -1)
-            return full[:, :, rows * u.shape[1] + cols]
-        order = torch.argsort(rows, stable=True)
-        distinct, counts = torch.unique_consecutive(rows[order], return_counts=True)
-        u_sorted = u[:, cols[order], :]  # (B, k, L), grouped by row: each group is a contiguous slice
-        blocks, start = [], 0
-        for r, n in zip(distinct.tolist(), counts.tolist(), strict=True):
-            blocks.append(torch.matmul(g[:, :, r, :], u_sorted[:, start : start + n, :].transpose(1, 2)))
-            start += n
-        return torch.cat(blocks, dim=2)[:, :, torch.argsort(order)]
-    out = []
-    step = max(1, int(2**22 // max(1, g.shape[0] * g.shape[1] * g.shape[-1])))
-    for s in range(0, len(rows), step):
-        r, c = rows[s : s + step], cols[s : s + step]
-        out.append(torch.einsum("bckl,bkl->bck", g[:, :, r, :], u[:, c, :]))
-    return torch.cat(out, dim=2)
+    When the wanted (row, col) pairs fill at least a quarter of the block spanned by their distinct rows and
+    distinct columns, every product of that block is formed by one batched matrix product (an outer product for
+    l = 1, e.g. a linear layer) and the wanted entries are gathered from it: at most 4x the output's memory.
+    Sparser sets are grouped by row, one batched matrix product per distinct row (convolutions: l runs over
+    output positions), or gathered and multiplied elementwise when l = 1."""
+    b, c, n_rows, n_pos = g.shape
+    distinct_rows, row_pos = torch.unique(rows, return_inverse=True)
+    distinct_cols, col_pos = torch.unique(cols, return_inverse=True)
+    n_r, n_c = len(distinct_rows), len(distinct_cols)
+    if 4 * len(rows) >= n_r * n_c:
+        gs = g if n_r == n_rows else g.index_select(2, distinct_rows)
+        us = u if n_c == u.shape[1] else u.index_select(1, distinct_cols)
+        if n_pos == 1:
+            full = gs[..., 0].unsqueeze(3) * us[:, None, :, 0].unsqueeze(2)  # (B, C, n_r, n_c)
+        else:
+            full = torch.matmul(gs.reshape(b, c * n_r, n_pos), us.transpose(1, 2))
+        full = full.reshape(b, c, n_r * n_c)
+        flat = row_pos * n_c + col_pos
+        if len(flat) == n_r * n_c and bool((flat == torch.arange(len(flat), device=flat.device)).all()):
+            return full  # the whole block, in order (e.g. a whole weight tensor)
+        return full.index_select(2, flat)
+    if n_pos == 1:
+        return g[..., 0].index_select(2, rows) * u[:, :, 0].index_select(1, cols).unsqueeze(1)
+    order = torch.argsort(rows, stable=True)
+    u_sorted = u.index_select(1, cols[order])  # (B, k, L), grouped by row: each group is a contiguous slice
+    blocks, start = [], 0
+    for r, n in zip(*torch.unique_consecutive(rows[order], return_counts=True), strict=True):
+        n = int(n)
+        blocks.append(torch.matmul(g[:, :, int(r), :], u_sorted[:, start : start + n, :].transpose(1, 2)))
+        start += n
+    return torch.cat(blocks, dim=2).index_select(2, torch.argsort(order))
 
 
 def _batchnorm_normalised(m: nn.modules.batchnorm._BatchNorm, a: torch.Tensor) -> torch.Tensor:
@@ -193,38 +231,41 @@ def _batchnorm_normalised(m: nn.modules.batchnorm._BatchNorm, a: torch.Tensor) -
 
 def layer_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Wanted entries (B, C, k) of d objective / d weight and d bias, from the layer's input ``a`` (B, *in)
-    and the signals ``g`` = d objective_c / d output (B, C, *out), C objectives."""
+    and the signals ``g`` = d objective_c / d output (B, C, *out), C objectives, holding only the layer's
+    ``units`` if it has them (as :func:`layer_signals` gives them)."""
     m = layer.module
     b, c = g.shape[:2]
     out: dict[str, torch.Tensor] = {}
     if isinstance(m, nn.Linear):
         a2 = a.reshape(b, -1, m.in_features)  # (B, T, in): T > 1 when the layer maps over extra dimensions
-        g2 = g.reshape(b, c, -1, m.out_features)  # (B, C, T, out)
+        g2 = g.reshape(b, c, -1, g.shape[-1])  # (B, C, T, units kept)
         if layer.weight is not None:
-            rows, cols = layer.weight // m.in_features, layer.weight % m.in_features
-            if a2.shape[1] == 1:  # the usual case: one input vector per sample, entries g_o * a_j
-                out["weight"] = g2[:, :, 0, rows] * a2[:, 0, cols].unsqueeze(1)
-            else:
-                out["weight"] = gather_products(g2.transpose(2, 3), a2.transpose(1, 2), rows, cols)
+            rows = layer.unit_positions(layer.weight // m.in_features)
+            out["weight"] = gather_products(g2.transpose(2, 3), a2.transpose(1, 2), rows, layer.weight % m.in_features)
         if layer.bias is not None:
-            out["bias"] = g2.sum(2)[:, :, layer.bias]
+            out["bias"] = g2.index_select(3, layer.unit_positions(layer.bias)).sum(2)
         return out
+    g2 = g.reshape(b, c, g.shape[2], -1)  # (B, C, units kept, positions)
     if isinstance(m, nn.Conv2d):
-        u = nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, in*kh*kw, L)
-        g2 = g.reshape(b, c, m.out_channels, -1)  # (B, C, out, L)
         if layer.weight is not None:
-            q = u.shape[1]
-            out["weight"] = gather_products(g2, u, layer.weight // q, layer.weight % q)
+            per_channel = m.kernel_size[0] * m.kernel_size[1]
+            q = m.in_channels * per_channel
+            cols = layer.weight % q
+            channels = torch.unique(cols // per_channel)
+            if len(channels) < m.in_channels:  # unfold only the input channels the wanted entries read
+                a = a.index_select(1, channels)
+                cols = torch.searchsorted(channels, cols // per_channel) * per_channel + cols % per_channel
+            u = nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, in'*kh*kw, L)
+            out["weight"] = gather_products(g2, u, layer.unit_positions(layer.weight // q), cols)
         if layer.bias is not None:
-            out["bias"] = g2.sum(3)[:, :, layer.bias]
+            out["bias"] = g2.index_select(2, layer.unit_positions(layer.bias)).sum(3)
         return out
     # BatchNorm in eval mode: y = (a - mean) / sqrt(var + eps) * weight + bias, per channel (dimension 1)
-    g2 = g.reshape(b, c, a.shape[1], -1)
     if layer.weight is not None:
-        a_hat = _batchnorm_normalised(m, a)
-        out["weight"] = (g2 * a_hat.reshape(b, 1, a.shape[1], -1)).sum(3)[:, :, layer.weight]
+        a_hat = _batchnorm_normalised(m, a).index_select(1, layer.weight).reshape(b, 1, len(layer.weight), -1)
+        out["weight"] = (g2.index_select(2, layer.unit_positions(layer.weight)) * a_hat).sum(3)
     if layer.bias is not None:
-        out["bias"] = g2.sum(3)[:, :, layer.bias]
+        out["bias"] = g2.index_select(2, layer.unit_positions(layer.bias)).sum(3)
     return out
 
 
@@ -235,7 +276,10 @@ def layer_squared_norms(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) ->
     Linear with one input vector per sample: ||g a^T||^2 = ||g||^2 ||a||^2. Conv2d: the per-sample weight
     gradient G = g U^T (out x in*kh*kw) either formed by one batched matrix product (cost out * q * L per sample
     and objective) or, when cheaper, through Grams, ||G||^2 = sum_{l,m} (g_l . g_m)(u_l . u_m) (cost
-    L^2 (out + q)); L output positions, q = in*kh*kw. BatchNorm and biases: their (small) entries."""
+    L^2 (out + q)); L output positions, q = in*kh*kw. BatchNorm and biases: their (small) entries.
+    ``layer`` must want every unit (``units`` None): a squared norm of a whole tensor needs all its signals."""
+    if layer.units is not None:
+        raise ValueError(f"layer {layer.name!r} keeps only some units' signals; whole-gradient norms need all")
     m = layer.module
     b, c = g.shape[:2]
     out: dict[str, torch.Tensor] = {}
