@@ -1,5 +1,5 @@
-"""Benchmark: batched Fisher embeddings (vmap over samples, jacrev over classes) against a per-sample,
-per-class autograd loop; and the selection time of ``fishermask`` and ``bait`` against one forward pass.
+"""Benchmark: batched Fisher embeddings (layer signals by default; vmap(jacrev) as the alternative) against a
+per-sample, per-class autograd loop; and the selection time of ``fishermask`` and ``bait`` against one forward pass.
 
 Command (the saved output in benchmarks/results/bench_fisher_embeddings.txt came from it):
 
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--k", type=int, default=1400, help="target mask size")
     parser.add_argument("--budget", type=int, default=250)
-    parser.add_argument("--loop-samples", type=int, default=100)
+    parser.add_argument("--loop-samples", type=int, default=500, help="samples the loop is timed on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-strategies", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_fisher_embeddings.txt"))

@@ -8,6 +8,10 @@ With the model in eval mode the samples of a batch do not interact, so one backw
 an objective yields every sample's own signal; the gradients with respect to the weights are never formed by
 autograd (only the signals are asked for), and per-sample gradients are formed layer by layer from (a, g).
 
+When only some entries of a layer are wanted (a Fisher mask), only the signals of the output units (channels
+or features) those entries belong to are kept, a convolution's input is unfolded only for the input channels
+they read, and the products are formed on the block of wanted rows x columns (or row by row when sparse).
+
 Used by :mod:`activelab.inference.fisher` (masked Fisher embeddings: C objectives, log p(c|x) for each class)
 and :mod:`activelab.inference.gradients` (entropy gradient norms: one objective, the entropy).
 
