@@ -314,3 +314,40 @@ def test_planned_mask_size_is_the_size_fisher_mask_gives(pct):
     assert planned_mask_size(model, "fc2.weight", pct) == mask.size
     with pytest.raises(ActivelabError, match="no parameter"):
         planned_mask_size(model, "head.weight", pct)
+
+
+class _PReLUNet(nn.Module):
+    """A PReLU between a conv and the classifier: nested vmaps (samples x classes) got its Jacobians wrong."""
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.act = nn.PReLU(3)
+        self.fc = nn.Linear(3 * 6 * 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["signals", "jacobian"])
+def test_prelu_model_in_chunks_of_c_samples_matches_the_loop(method):
+    """Chunks of exactly C = 4 samples through a PReLU (a size at which vmap(jacrev) used to return wrong
+    numbers without an error): the diagonal Fisher and the embeddings (PReLU's weight by the Jacobian
+    fallback under ``signals``) equal the per-sample loop."""
+    torch.manual_seed(0)
+    model = _PReLUNet().eval()
+    with torch.no_grad():
+        model.act.weight.copy_(torch.tensor([0.1, -0.4, 0.7]))
+    pool = make_pool(n=8)
+    idx = np.array([1, 6, 3, 0, 7, 2, 5, 4])
+    grads, p = _loop_grads(model, pool, idx)
+    fisher = diagonal_fisher(model, pool, idx, chunk_size=4)
+    for name, g in grads.items():
+        torch.testing.assert_close(fisher[name], torch.einsum("nc,nc...->...", p, g * g), rtol=1e-5, atol=1e-9)
+    names = tuple(grads)
+    mask = FisherMask(names, tuple(torch.arange(g[0, 0].numel()) for g in grads.values()), "fc.weight", False)
+    got = masked_fisher_embeddings(model, pool, idx, mask, chunk_size=4, method=method)
+    expected = torch.cat([grads[n].flatten(2) for n in names], dim=2) * p.sqrt().unsqueeze(2)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-6)

@@ -94,7 +94,11 @@ def _jacobian_fn(model: nn.Module, names: Sequence[str]):
         lp = torch.log_softmax(out.float(), dim=-1).squeeze(0)
         return lp, lp.detach()
 
-    return wrt, vmap(jacrev(log_probs, has_aux=True), in_dims=(None, 0))
+    # chunk_size=1: jacrev takes its C vector-Jacobian products one after another instead of vmapping over the
+    # classes inside the vmap over samples. Nested vmaps give silently wrong Jacobians through nn.PReLU when
+    # the chunk holds exactly C samples (PReLU's batching rule mixes the two batch dimensions; with other sizes
+    # it raises); one level of vmap is correct, and on LeNet no slower.
+    return wrt, vmap(jacrev(log_probs, has_aux=True, chunk_size=1), in_dims=(None, 0))
 
 
 def iter_log_prob_jacobians(
