@@ -156,10 +156,12 @@ class ExperimentConfig(_Section):
         return self
 
     def fingerprint(self) -> str:
-        """A hash of everything that changes results (the name and description do not)."""
+        """A hash of everything that changes results. The name, description and thread count do not; nor does
+        the number of runs: every run is seeded by its own index, so run r is the same in a 3-run and a 5-run
+        experiment, and an experiment can be extended with more runs."""
         data = self.model_dump(
             mode="json",
-            exclude={"name": True, "description": True, "threads": True, "loop": {"keep_checkpoints"}},
+            exclude={"name": True, "description": True, "threads": True, "loop": {"keep_checkpoints", "runs"}},
         )
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -60,9 +60,10 @@ def test_duplicate_strategy_variants_need_keys():
     assert [s.label for s in cfg.strategies] == ["random", "random2"]
 
 
-def test_fingerprint_ignores_name_but_not_settings():
+def test_fingerprint_ignores_name_and_run_count_but_not_settings():
     a = parse_config(_with())
     assert a.fingerprint() == parse_config({**_with(), "name": "other"}).fingerprint()
+    assert a.fingerprint() == parse_config(_with(loop__runs=7)).fingerprint()  # runs are seeded by their index
     assert a.fingerprint() != parse_config(_with(loop={"budget": 6, "rounds": 2})).fingerprint()
 
 

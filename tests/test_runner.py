@@ -124,6 +124,28 @@ def test_changed_config_is_refused(tmp_path):
     assert "different config" in res.output and "train.lr: 0.003 (stored) vs 0.01 (given)" in res.output
 
 
+def test_more_runs_extend_an_experiment(tmp_path):
+    """Raising loop.runs and running into the same directory runs only the new runs, and each equals the same
+    run of an experiment that had all the runs from the start; fewer runs leave the stored config alone."""
+    one = {**TINY, "loop": {**TINY["loop"], "rounds": 1, "runs": 1}, "strategies": [{"name": "random"}]}
+    two = {**one, "loop": {**one["loop"], "runs": 2}}
+    run_experiment(write_config(tmp_path / "one.yaml", one), tmp_path / "grown", progress=False)
+    before = snapshot(tmp_path / "grown")
+    grown = run_experiment(write_config(tmp_path / "two.yaml", two), tmp_path / "grown", progress=False)
+    assert grown.done == [(1, "random")] and grown.skipped == [(0, "random")]
+    run_experiment(tmp_path / "two.yaml", tmp_path / "fresh", progress=False)
+    after, fresh = snapshot(tmp_path / "grown"), snapshot(tmp_path / "fresh")
+    assert after == fresh and all(after[k] == v for k, v in before.items())
+    assert any(k[0] == 1 for k in after if isinstance(k, tuple))
+    cfg, store = load_experiment(tmp_path / "grown")
+    assert cfg.loop.runs == 2
+    store.close()
+    again = run_experiment(tmp_path / "one.yaml", tmp_path / "grown", progress=False)  # fewer runs: nothing to do
+    cfg, store = load_experiment(tmp_path / "grown")
+    assert not again.done and cfg.loop.runs == 2
+    store.close()
+
+
 @register
 class _FailsInRound2(Strategy):
     """Test-only strategy: raises in its second selection."""

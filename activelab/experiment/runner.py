@@ -38,8 +38,17 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _write_config(exp_dir: Path, config_text: str) -> None:
+    tmp = exp_dir / f".{CONFIG_NAME}.{os.getpid()}.tmp"
+    tmp.write_text(config_text)
+    os.replace(tmp, exp_dir / CONFIG_NAME)
+
+
 def prepare_directory(cfg: ExperimentConfig, config_text: str, exp_dir: Path) -> None:
-    """Create the directory with a copy of the config, or check that an existing one holds the same config."""
+    """Create the directory with a copy of the config, or check that an existing one holds the same config.
+
+    A config that differs from the stored one only in having more runs extends the experiment: it replaces
+    the stored copy, and the new runs are run next to the finished ones (runs are seeded by their index)."""
     stored_path = exp_dir / CONFIG_NAME
     if stored_path.exists():
         stored = load_config(stored_path)
@@ -50,11 +59,11 @@ def prepare_directory(cfg: ExperimentConfig, config_text: str, exp_dir: Path) ->
                 + "\n  ".join(changes[:20])
                 + "\nUse another --out directory, or delete this one to start over."
             )
+        if cfg.loop.runs > stored.loop.runs:
+            _write_config(exp_dir, config_text)
         return
     exp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = exp_dir / f".{CONFIG_NAME}.{os.getpid()}.tmp"
-    tmp.write_text(config_text)
-    os.replace(tmp, stored_path)
+    _write_config(exp_dir, config_text)
     store = Store(exp_dir / STORE_NAME)
     store.set_meta("fingerprint", cfg.fingerprint())
     store.set_meta("experiment", cfg.name)
