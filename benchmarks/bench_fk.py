@@ -59,15 +59,17 @@ def load_data(pool_size: int, val_size: int, synthetic: bool):
 
 
 def make_model(pool, train_size: int = 2000):
-    """LeNet trained for one epoch on ``train_size`` pool images (SGD 0.05, momentum 0.5, batch 25)."""
+    """LeNet trained for one epoch on the first ``train_size`` pool images, or all of a smaller pool (SGD 0.05,
+    momentum 0.5, batch 25)."""
     from activelab.models import LeNet
 
     torch.manual_seed(0)
     model = LeNet(10, 1, 28, dropout=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
     model.train()
+    train_size = min(train_size, len(pool))
     for s in range(0, train_size, 25):
-        x, y = pool.batch(np.arange(s, s + 25))
+        x, y = pool.batch(np.arange(s, min(s + 25, train_size)))
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
