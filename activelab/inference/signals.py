@@ -185,9 +185,8 @@ def layer_signals(
     signals = {}
     for i, layer in enumerate(layers):
         grads = [g[i] for g in per_objective]
-        if layer.units is not None:
-            units = layer.units.to(grads[0].device)
-            grads = [g.index_select(layer.unit_dim % g.dim(), units) for g in grads]
+        if layer.units is not None:  # on the model's device already (plan_signal_layers puts it there)
+            grads = [g.index_select(layer.unit_dim % g.dim(), layer.units) for g in grads]
         signals[layer.name] = torch.stack(grads, dim=1)
     return out.detach(), signals, saved
 
