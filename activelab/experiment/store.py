@@ -35,8 +35,6 @@ SCHEMA_VERSION = 2
 """1: the first store (no version in meta). 2: version in meta, round metrics for imbalance, run data root,
 job owner (pid, host), leases."""
 
-SQLITE_HEADER = b"SQLite format 3\x00"
-
 
 class StoreError(ActivelabError):
     """The results store cannot be opened or read; the message names the file and what to do."""
@@ -251,6 +249,8 @@ class Store:
         except sqlite3.DatabaseError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise
+            if "not a database" in str(exc):
+                raise _damaged(self.path, "is not an SQLite file") from None
             raise _damaged(self.path, f"could not be read ({exc})") from None
 
     def _check_file(self, create: bool) -> None:
@@ -260,13 +260,10 @@ class Store:
             raise StoreError(f"{self.path} does not exist: this is not an experiment directory (run a config first)")
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a folder, not a results store")
-        size = self.path.stat().st_size
-        if size == 0:
+        if self.path.stat().st_size == 0:
             raise _damaged(self.path, "is empty (0 bytes; a disk that was full, or a copy that failed)")
-        with open(self.path, "rb") as f:
-            header = f.read(len(SQLITE_HEADER))
-        if header != SQLITE_HEADER:
-            raise _damaged(self.path, "is not an SQLite file")
+        # The header is left to SQLite: opening and closing the file from Python would drop the POSIX locks
+        # that this process's other connections to it hold (and lose their writes).
 
     def _connect(self) -> sqlite3.Connection:
         if not self.readonly:
