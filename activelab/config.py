@@ -56,7 +56,9 @@ class ModelConfig(_Section):
     def _known(cls, v: str) -> str:
         builtin = ("digits_cnn", "lenet", "resnet10", "resnet18")
         if v not in builtin and ":" not in v:
-            raise ValueError(f"unknown model {v!r}; use one of {', '.join(builtin)} or 'package.module:factory'")
+            raise ValueError(
+                f"unknown model {v!r}; use one of {', '.join(map(repr, builtin))} or 'package.module:factory'"
+            )
         return v
 
     name: str = Field(description="digits_cnn, lenet, resnet10, resnet18, or 'package.module:factory'")
