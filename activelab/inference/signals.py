@@ -24,11 +24,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
-_SIGNAL_MODULES = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+_CONV = (nn.Conv1d, nn.Conv2d)
+#: Normalisation layers y = a_hat * weight + bias whose parameters are per channel (dimension 1 of the output).
+_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+#: Normalisation layers whose parameters run over the trailing ``normalized_shape`` dimensions.
+_TRAILING_NORMS = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
 @dataclass
@@ -45,32 +50,51 @@ class SignalLayer:
     @property
     def unit_dim(self) -> int:
         """The dimension of the module's output (batch first) that indexes its units: features for Linear,
-        channels for Conv2d and BatchNorm."""
-        return -1 if isinstance(self.module, nn.Linear) else 1
+        Embedding and LayerNorm (last), channels for convolutions, BatchNorm and GroupNorm (1)."""
+        return 1 if isinstance(self.module, _CONV + _CHANNEL_NORMS) else -1
 
     def unit_positions(self, units: torch.Tensor) -> torch.Tensor:
         """Where the given output units sit among the signals :func:`layer_signals` keeps for this layer."""
         return units if self.units is None else torch.searchsorted(self.units, units)
 
 
+def _units_of(module: nn.Module, attr: str, idx: torch.Tensor) -> torch.Tensor:
+    """The output unit each wanted flat entry of ``module.<attr>`` belongs to: a Linear weight (out, in) or
+    convolution weight (out, in/groups, *k) entry to its first index, an Embedding weight (V, D) entry to its
+    column, a normalisation layer's entries and every bias entry to their own index."""
+    if attr == "bias":
+        return idx
+    if isinstance(module, nn.Embedding):
+        return idx % module.embedding_dim
+    if isinstance(module, (nn.Linear,) + _CONV):
+        return idx // module.weight[0].numel()
+    return idx
+
+
 def _needed_units(module: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The output units that the wanted weight and bias entries involve (sorted), or None if that is all of them:
-    Linear weight (out, in) and Conv2d weight (out, in, kh, kw) entries belong to their first index, BatchNorm's
-    weight and every bias entry to their own index."""
-    n_units = module.weight.shape[0] if module.weight is not None else module.bias.shape[0]
-    per_unit = module.weight[0].numel() if module.weight is not None else 1
-    parts = ([weight // per_unit] if weight is not None else []) + ([bias] if bias is not None else [])
+    """The output units that the wanted weight and bias entries involve (sorted), or None: all of them, or a
+    layer whose signals are kept whole (a grouped convolution, a LayerNorm over more than one dimension)."""
+    if isinstance(module, _CONV) and module.groups > 1:
+        return None
+    if isinstance(module, _TRAILING_NORMS) and len(module.normalized_shape) > 1:
+        return None
+    if isinstance(module, nn.Embedding):
+        n_units = module.embedding_dim
+    else:
+        n_units = module.weight.shape[0] if module.weight is not None else module.bias.shape[0]
+    parts = [_units_of(module, a, i) for a, i in (("weight", weight), ("bias", bias)) if i is not None]
     units = torch.unique(torch.cat(parts))
     return None if len(units) == n_units else units
 
 
 def signal_supported(module: nn.Module) -> bool:
-    """Linear, Conv2d (groups 1, zero padding) and BatchNorm with running statistics."""
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+    """Linear, Conv1d / Conv2d (any groups, padding or padding mode), BatchNorm with running statistics,
+    GroupNorm, LayerNorm, RMSNorm and Embedding (without ``max_norm``, which rewrites the weight in forward)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.running_mean is not None and module.running_var is not None
-    return isinstance(module, _SIGNAL_MODULES)
+    if isinstance(module, nn.Embedding):
+        return module.max_norm is None
+    return isinstance(module, (nn.Linear, nn.GroupNorm) + _CONV + _TRAILING_NORMS)
 
 
 def samples_independent(model: nn.Module) -> bool:
@@ -227,48 +251,272 @@ def gather_products(g: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, cols: 
     return torch.cat(blocks, dim=2).index_select(2, torch.argsort(order))
 
 
-def _batchnorm_normalised(m: nn.modules.batchnorm._BatchNorm, a: torch.Tensor) -> torch.Tensor:
-    shape = (1, -1) + (1,) * (a.dim() - 2)
-    return (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+def _normalised(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """a_hat of a normalisation layer y = a_hat * weight + bias (eval mode), as its forward computes it."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        shape = (1, -1) + (1,) * (a.dim() - 2)
+        return (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+    if isinstance(m, nn.GroupNorm):
+        return nn.functional.group_norm(a, m.num_groups, None, None, m.eps)
+    if isinstance(m, nn.LayerNorm):
+        return nn.functional.layer_norm(a, m.normalized_shape, None, None, m.eps)
+    return nn.functional.rms_norm(a, m.normalized_shape, None, m.eps)
 
 
+def _norm_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Normalisation layers: d weight = sum of g * a_hat and d bias = sum of g over every output position
+    that shares the parameter (batch, spatial positions for channel norms; leading dimensions for LayerNorm)."""
+    m = layer.module
+    b, c = g.shape[:2]
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(m, _CHANNEL_NORMS):  # parameters along dimension 1
+        g2 = g.reshape(b, c, g.shape[2], -1)  # (B, C, units kept, positions)
+        if layer.weight is not None:
+            a_hat = _normalised(m, a).index_select(1, layer.weight).reshape(b, 1, len(layer.weight), -1)
+            out["weight"] = (g2.index_select(2, layer.unit_positions(layer.weight)) * a_hat).sum(3)
+        if layer.bias is not None:
+            out["bias"] = g2.index_select(2, layer.unit_positions(layer.bias)).sum(3)
+        return out
+    n_param = m.weight.numel() if m.weight is not None else m.bias.numel()
+    n_kept = n_param if layer.units is None else len(layer.units)
+    g2 = g.reshape(b, c, -1, n_kept)  # (B, C, leading positions, parameter entries kept)
+    if layer.weight is not None:
+        a_hat = _normalised(m, a).reshape(b, 1, -1, n_param).index_select(3, layer.weight)
+        out["weight"] = (g2.index_select(3, layer.unit_positions(layer.weight)) * a_hat).sum(2)
+    if layer.bias is not None:
+        out["bias"] = g2.index_select(3, layer.unit_positions(layer.bias)).sum(2)
+    return out
+
+
+# -- convolutions ------------------------------------------------------------------------------------------------
+def _conv_padding(m: nn.Module) -> list[int]:
+    """The zero (or ``padding_mode``) padding of a Conv1d / Conv2d as F.pad's list for a 2-D input
+    (left, right, top, bottom), a Conv1d being a Conv2d of height 1; ``padding="same"`` puts the odd element on
+    the right / bottom, as PyTorch does."""
+    dims = len(m.kernel_size)
+    if m.padding == "valid":
+        pads = [(0, 0)] * dims
+    elif m.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+        pads = [(t // 2, t - t // 2) for t in totals]
+    else:
+        pads = [(p, p) for p in m.padding]
+    if dims == 1:
+        pads = [(0, 0)] + pads
+    return [pads[1][0], pads[1][1], pads[0][0], pads[0][1]]
+
+
+def _conv_as_2d(m: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The layer's input as (B, in, H, W) with any padding that is not symmetric zeros applied, and the 2-D
+    geometry (kernel, stride, dilation, padding) under which a Conv2d on it equals the layer."""
+    two = (lambda t: tuple(t)) if len(m.kernel_size) == 2 else (lambda t: (1,) + tuple(t))
+    if a.dim() == 3:  # Conv1d: (B, in, T) -> (B, in, 1, T)
+        a = a.unsqueeze(2)
+    pad = _conv_padding(m)
+    if m.padding_mode == "zeros" and pad[0] == pad[1] and pad[2] == pad[3]:
+        padding = (pad[2], pad[0])
+    else:
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        a, padding = nn.functional.pad(a, pad, mode=mode), (0, 0)
+    return a, {"kernel": two(m.kernel_size), "stride": two(m.stride), "dilation": two(m.dilation), "padding": padding}
+
+
+def conv_weight_grads(geom: dict, groups: int, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample, per-objective weight gradients of a 2-D convolution, (B, C, out, in/groups * kh * kw), in
+    the weight's own layout, by one weight-gradient convolution over the whole chunk: the batch is folded into
+    the groups (sample b's input channels are group b's, its C x out signals group b's outputs), so the
+    backend's weight-gradient kernel does the work and no unfolded input is materialised.
+
+    ``a`` (B, in, H, W) as :func:`_conv_as_2d` gives it, ``g`` (B, C, out, H', W'): every output channel,
+    unless ``groups`` is 1 (then any subset of output channels and input channels: those of ``g`` and ``a``)."""
+    b, c, n_out = g.shape[:3]
+    n_in = a.shape[1]
+    kh, kw = geom["kernel"]
+    out_g = n_out // groups
+    if groups == 1:
+        grad_out = g.reshape(1, b * c * n_out, *g.shape[3:])
+    else:  # each group's output channels together: (B, G, C, out/G)
+        grad_out = g.reshape(b, c, groups, out_g, *g.shape[3:]).transpose(1, 2).reshape(1, -1, *g.shape[3:])
+    weight = a.new_zeros(()).expand(b * c * n_out, n_in // groups, kh, kw)  # only its shape is read
+    _, grads, _ = torch.ops.aten.convolution_backward(
+        grad_out.contiguous(),
+        a.reshape(1, b * n_in, *a.shape[2:]),
+        weight,
+        None,
+        list(geom["stride"]),
+        list(geom["padding"]),
+        list(geom["dilation"]),
+        False,
+        [0, 0],
+        b * groups,
+        [False, True, False],
+    )
+    if groups == 1:
+        return grads.reshape(b, c, n_out, -1)
+    return grads.reshape(b, groups, c, out_g, -1).transpose(1, 2).reshape(b, c, n_out, -1)
+
+
+def _signals_2d(g: torch.Tensor) -> torch.Tensor:
+    """A Conv1d's signals (B, C, out, T') as (B, C, out, 1, T'); a Conv2d's as they are."""
+    return g.unsqueeze(3) if g.dim() == 4 else g
+
+
+#: The weight-gradient convolution forms a whole block of entries (rows x input channels x kernel) at a cost
+#: per entry several times below that of the per-row products, so it is used unless the wanted entries fill
+#: less than 1 / _CONV_BLOCK_RATIO of that block.
+_CONV_BLOCK_RATIO = 8
+
+
+def _conv_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Convolutions: d weight[o, j, k] = sum over output positions of g_o times the input patch entry it
+    multiplies (by :func:`conv_weight_grads` on the block of wanted rows and read input channels, or, for
+    sparse sets, by per-row products with the unfolded input), d bias = sum of g over positions."""
+    m = layer.module
+    b, c = g.shape[:2]
+    out: dict[str, torch.Tensor] = {}
+    if layer.weight is not None:
+        a2, geom = _conv_as_2d(m, a)
+        g2 = _signals_2d(g)
+        kk = geom["kernel"][0] * geom["kernel"][1]
+        q_g = m.weight[0].numel()  # in/groups * kk: one output channel's entries
+        rows, within = layer.weight // q_g, layer.weight % q_g
+        if m.groups == 1:
+            distinct_rows = torch.unique(rows)
+            channels = torch.unique(within // kk)
+            block = len(distinct_rows) * len(channels) * kk
+        else:
+            block = m.weight.numel()
+        if block <= _CONV_BLOCK_RATIO * len(layer.weight):
+            if m.groups == 1:
+                kept_rows = layer.unit_positions(distinct_rows)
+                if len(distinct_rows) < g2.shape[2]:
+                    g2 = g2.index_select(2, kept_rows)
+                if len(channels) < m.in_channels:
+                    a2 = a2.index_select(1, channels)
+                full = conv_weight_grads(geom, 1, a2, g2).reshape(b, c, -1)
+                flat = torch.searchsorted(distinct_rows, rows) * (len(channels) * kk)
+                flat = flat + torch.searchsorted(channels, within // kk) * kk + within % kk
+            else:
+                full, flat = conv_weight_grads(geom, m.groups, a2, g2).reshape(b, c, -1), layer.weight
+            out["weight"] = full if len(flat) == full.shape[2] else full.index_select(2, flat)
+        else:  # sparse: per-row products with the unfolded input, on the input channels read only
+            cols = (rows // (m.out_channels // m.groups)) * q_g + within  # columns of the whole unfolded input
+            channels = torch.unique(cols // kk)
+            if len(channels) < m.in_channels:
+                a2 = a2.index_select(1, channels)
+                cols = torch.searchsorted(channels, cols // kk) * kk + cols % kk
+            u = nn.functional.unfold(a2, geom["kernel"], geom["dilation"], geom["padding"], geom["stride"])
+            out["weight"] = gather_products(g2.reshape(b, c, g2.shape[2], -1), u, layer.unit_positions(rows), cols)
+    if layer.bias is not None:
+        out["bias"] = g.reshape(b, c, g.shape[2], -1).index_select(2, layer.unit_positions(layer.bias)).sum(3)
+    return out
+
+
+def _conv_squared_norms(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """||d weight||^2 of a convolution: the per-sample gradient G = g U^T formed by the weight-gradient
+    convolution (cost out * q * L per sample and objective, q = in/groups * kh * kw, L output positions), or,
+    for an ungrouped layer with few output positions, through Grams, ||G||^2 = sum_{l,m} (g_l . g_m)(u_l . u_m)
+    (cost L^2 (out + q) by batched matrix products, counted 4x dearer per operation)."""
+    m = layer.module
+    b, c = g.shape[:2]
+    out: dict[str, torch.Tensor] = {}
+    g_flat = g.reshape(b, c, m.out_channels, -1)  # (B, C, out, L)
+    if layer.weight is not None:
+        a2, geom = _conv_as_2d(m, a)
+        q, n_pos = m.weight[0].numel(), g_flat.shape[3]
+        if m.groups == 1 and 4 * n_pos * n_pos * (m.out_channels + q) < m.out_channels * q * n_pos:
+            u = nn.functional.unfold(a2, geom["kernel"], geom["dilation"], geom["padding"], geom["stride"])
+            gram_u = torch.matmul(u.transpose(1, 2), u)  # (B, L, L)
+            gram_g = torch.matmul(g_flat.transpose(2, 3), g_flat)  # (B, C, L, L)
+            out["weight"] = (gram_g * gram_u.unsqueeze(1)).sum((2, 3))
+        else:
+            out["weight"] = conv_weight_grads(geom, m.groups, a2, _signals_2d(g)).pow(2).sum((2, 3))
+    if layer.bias is not None:
+        out["bias"] = g_flat.sum(3).pow(2).sum(2)
+    return out
+
+
+# -- embeddings --------------------------------------------------------------------------------------------------
+def _token_weights(m: nn.Embedding, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Per-token factors of an Embedding's weight gradient (B, T), or None if all are 1: 0 at ``padding_idx``
+    (PyTorch leaves that row's gradient zero), 1 / (count of the token in its sample) with
+    ``scale_grad_by_freq`` (the frequency within the sample, as a per-sample backward pass sees it)."""
+    if m.padding_idx is None and not m.scale_grad_by_freq:
+        return None
+    w = torch.ones(idx.shape, dtype=dtype, device=idx.device)
+    if m.scale_grad_by_freq:
+        counts = (idx.unsqueeze(2) == idx.unsqueeze(1)).sum(2)  # (B, T): occurrences of each token in its sample
+        w = w / counts.to(dtype)
+    if m.padding_idx is not None:
+        w = w.masked_fill(idx == m.padding_idx, 0)
+    return w
+
+
+def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Embedding y_t = W[i_t]: d W[v, j] = sum over tokens t with i_t = v of g_t[j] (times the token factors),
+    as products of the signals with the tokens' one-hot codes over the wanted rows v only."""
+    m = layer.module
+    b, c = g.shape[:2]
+    tokens = idx.reshape(b, -1)  # (B, T)
+    g2 = g.reshape(b, c, tokens.shape[1], -1)  # (B, C, T, columns kept)
+    vocab_rows, row_pos = torch.unique(layer.weight // m.embedding_dim, return_inverse=True)
+    onehot = (tokens.unsqueeze(1) == vocab_rows.view(1, -1, 1)).to(g.dtype)  # (B, rows wanted, T)
+    factors = _token_weights(m, tokens, g.dtype)
+    if factors is not None:
+        onehot = onehot * factors.unsqueeze(1)
+    cols = layer.unit_positions(layer.weight % m.embedding_dim)
+    return {"weight": gather_products(g2.transpose(2, 3), onehot, cols, row_pos)}
+
+
+def _embedding_squared_norms(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """||d W||^2 = sum over distinct tokens v of a sample of ||sum_{t: i_t = v} g_t||^2: the signals summed per
+    (sample, token) pair (at most B x T rows, never the V x D gradient), squared, summed per sample."""
+    m = layer.module
+    b, c = g.shape[:2]
+    tokens = idx.reshape(b, -1)
+    n_tok = tokens.shape[1]
+    g_tok = g.reshape(b, c, n_tok, -1).transpose(1, 2).reshape(b * n_tok, c, -1)  # (B*T, C, D)
+    factors = _token_weights(m, tokens, g.dtype)
+    if factors is not None:
+        g_tok = g_tok * factors.reshape(-1, 1, 1)
+    keys = tokens + torch.arange(b, device=tokens.device).unsqueeze(1) * m.num_embeddings
+    pairs, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+    sums = g_tok.new_zeros(len(pairs), c, g_tok.shape[2]).index_add_(0, inverse, g_tok)
+    per_sample = g.new_zeros(b, c).index_add_(0, pairs // m.num_embeddings, sums.pow(2).sum(2))
+    return {"weight": per_sample}
+
+
+def per_sample_block(layer: SignalLayer) -> int:
+    """The most numbers one sample and objective's closed form forms at once for this layer: its weight (a
+    convolution's weight-gradient block, a Linear's outer product), or for an Embedding one signal per token
+    (its V x D gradient is never formed)."""
+    m = layer.module
+    if isinstance(m, nn.Embedding):
+        return int(np.prod(layer.out_shape[1:])) if layer.out_shape else m.embedding_dim
+    return int(m.weight.numel()) if m.weight is not None else 0
+
+
+# -- dispatch ----------------------------------------------------------------------------------------------------
 def layer_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Wanted entries (B, C, k) of d objective / d weight and d bias, from the layer's input ``a`` (B, *in)
     and the signals ``g`` = d objective_c / d output (B, C, *out), C objectives, holding only the layer's
     ``units`` if it has them (as :func:`layer_signals` gives them)."""
     m = layer.module
+    if isinstance(m, _CONV):
+        return _conv_entries(layer, a, g)
+    if isinstance(m, nn.Embedding):
+        return _embedding_entries(layer, a, g)
+    if not isinstance(m, nn.Linear):
+        return _norm_entries(layer, a, g)
     b, c = g.shape[:2]
     out: dict[str, torch.Tensor] = {}
-    if isinstance(m, nn.Linear):
-        a2 = a.reshape(b, -1, m.in_features)  # (B, T, in): T > 1 when the layer maps over extra dimensions
-        g2 = g.reshape(b, c, -1, g.shape[-1])  # (B, C, T, units kept)
-        if layer.weight is not None:
-            rows = layer.unit_positions(layer.weight // m.in_features)
-            out["weight"] = gather_products(g2.transpose(2, 3), a2.transpose(1, 2), rows, layer.weight % m.in_features)
-        if layer.bias is not None:
-            out["bias"] = g2.index_select(3, layer.unit_positions(layer.bias)).sum(2)
-        return out
-    g2 = g.reshape(b, c, g.shape[2], -1)  # (B, C, units kept, positions)
-    if isinstance(m, nn.Conv2d):
-        if layer.weight is not None:
-            per_channel = m.kernel_size[0] * m.kernel_size[1]
-            q = m.in_channels * per_channel
-            cols = layer.weight % q
-            channels = torch.unique(cols // per_channel)
-            if len(channels) < m.in_channels:  # unfold only the input channels the wanted entries read
-                a = a.index_select(1, channels)
-                cols = torch.searchsorted(channels, cols // per_channel) * per_channel + cols % per_channel
-            u = nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, in'*kh*kw, L)
-            out["weight"] = gather_products(g2, u, layer.unit_positions(layer.weight // q), cols)
-        if layer.bias is not None:
-            out["bias"] = g2.index_select(2, layer.unit_positions(layer.bias)).sum(3)
-        return out
-    # BatchNorm in eval mode: y = (a - mean) / sqrt(var + eps) * weight + bias, per channel (dimension 1)
+    a2 = a.reshape(b, -1, m.in_features)  # (B, T, in): T > 1 when the layer maps over extra dimensions
+    g2 = g.reshape(b, c, -1, g.shape[-1])  # (B, C, T, units kept)
     if layer.weight is not None:
-        a_hat = _batchnorm_normalised(m, a).index_select(1, layer.weight).reshape(b, 1, len(layer.weight), -1)
-        out["weight"] = (g2.index_select(2, layer.unit_positions(layer.weight)) * a_hat).sum(3)
+        rows = layer.unit_positions(layer.weight // m.in_features)
+        out["weight"] = gather_products(g2.transpose(2, 3), a2.transpose(1, 2), rows, layer.weight % m.in_features)
     if layer.bias is not None:
-        out["bias"] = g2.index_select(2, layer.unit_positions(layer.bias)).sum(3)
+        out["bias"] = g2.index_select(3, layer.unit_positions(layer.bias)).sum(2)
     return out
 
 
@@ -276,35 +524,24 @@ def layer_squared_norms(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) ->
     """Squared L2 norms (B, C) of the *whole* per-sample gradients of the layer's weight and bias (those of its
     tensors that ``layer`` wants), without forming what a closed form avoids.
 
-    Linear with one input vector per sample: ||g a^T||^2 = ||g||^2 ||a||^2. Conv2d: the per-sample weight
-    gradient G = g U^T (out x in*kh*kw) either formed by one batched matrix product (cost out * q * L per sample
-    and objective) or, when cheaper, through Grams, ||G||^2 = sum_{l,m} (g_l . g_m)(u_l . u_m) (cost
-    L^2 (out + q)); L output positions, q = in*kh*kw. BatchNorm and biases: their (small) entries.
+    Linear with one input vector per sample: ||g a^T||^2 = ||g||^2 ||a||^2. Convolutions: see
+    :func:`_conv_squared_norms`. Embedding: per-token sums, never the V x D gradient. Normalisation layers,
+    a Linear mapped over extra dimensions and biases: their (small) entries.
     ``layer`` must want every unit (``units`` None): a squared norm of a whole tensor needs all its signals."""
     if layer.units is not None:
         raise ValueError(f"layer {layer.name!r} keeps only some units' signals; whole-gradient norms need all")
     m = layer.module
     b, c = g.shape[:2]
-    out: dict[str, torch.Tensor] = {}
     if isinstance(m, nn.Linear) and a.reshape(b, -1, m.in_features).shape[1] == 1:
         g2 = g.reshape(b, c, m.out_features)
+        out: dict[str, torch.Tensor] = {}
         if layer.weight is not None:
             out["weight"] = g2.pow(2).sum(2) * a.reshape(b, 1, m.in_features).pow(2).sum(2)
         if layer.bias is not None:
             out["bias"] = g2.pow(2).sum(2)
         return out
-    if isinstance(m, nn.Conv2d) and layer.weight is not None:
-        u = nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, q, L)
-        g2 = g.reshape(b, c, m.out_channels, -1)  # (B, C, out, L)
-        q, n_pos = u.shape[1], u.shape[2]
-        if n_pos * n_pos * (m.out_channels + q) < m.out_channels * q * n_pos:
-            gram_u = torch.matmul(u.transpose(1, 2), u)  # (B, L, L)
-            gram_g = torch.matmul(g2.transpose(2, 3), g2)  # (B, C, L, L)
-            out["weight"] = (gram_g * gram_u.unsqueeze(1)).sum((2, 3))
-        else:
-            full = torch.matmul(g2.reshape(b, c * m.out_channels, n_pos), u.transpose(1, 2))  # (B, C*out, q)
-            out["weight"] = full.reshape(b, c, -1).pow(2).sum(2)
-        if layer.bias is not None:
-            out["bias"] = g2.sum(3).pow(2).sum(2)
-        return out
+    if isinstance(m, _CONV):
+        return _conv_squared_norms(layer, a, g)
+    if isinstance(m, nn.Embedding):
+        return _embedding_squared_norms(layer, a, g)
     return {attr: v.pow(2).sum(2) for attr, v in layer_entries(layer, a, g).items()}
