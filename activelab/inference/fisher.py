@@ -37,7 +37,14 @@ from torch.utils.data import Dataset
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
 from .forward import eval_mode, model_device
-from .signals import layer_entries, layer_signals, per_sample_block, plan_signal_layers, samples_independent
+from .signals import (
+    VMAP_UNSAFE,
+    layer_entries,
+    layer_signals,
+    per_sample_block,
+    plan_signal_layers,
+    samples_independent,
+)
 
 Weighting = Literal["sqrt_p", "none"]
 WEIGHTINGS: tuple[str, ...] = ("sqrt_p", "none")
@@ -82,9 +89,6 @@ def _probe(model: nn.Module, dataset: Dataset, indices: np.ndarray, device: torc
         return x, int(model(x).shape[-1])
 
 
-_NESTED_VMAP_UNSAFE = (nn.PReLU,)  # modules whose batching rules break under vmap(jacrev); see _jacobian_fn
-
-
 def _jacobian_fn(model: nn.Module, names: Sequence[str]):
     """(params_wrt, f) where f(params_wrt, x) = (Jacobians {name: (B, C, *shape)}, log p (B, C))."""
     params = trainable_parameters(model)
@@ -101,7 +105,7 @@ def _jacobian_fn(model: nn.Module, names: Sequence[str]):
     # exactly C samples (its batching rule mixes the two batch dimensions; other sizes raise). For such models
     # jacrev takes its C vector-Jacobian products one after another (chunk_size=1): one level of vmap, correct,
     # about 15% slower on LeNet, so the others keep the nested form.
-    one_level = any(isinstance(m, _NESTED_VMAP_UNSAFE) for m in model.modules())
+    one_level = any(isinstance(m, VMAP_UNSAFE) for m in model.modules())
     return wrt, vmap(jacrev(log_probs, has_aux=True, chunk_size=1 if one_level else None), in_dims=(None, 0))
 
 

@@ -30,6 +30,9 @@ from torch import nn
 from torch.func import functional_call
 
 _CONV = (nn.Conv1d, nn.Conv2d)
+#: Modules whose batching rules give wrong results under vmap (nn.PReLU: nested vmaps mix the two batch
+#: dimensions); models holding one never get vectorised backward passes.
+VMAP_UNSAFE = (nn.PReLU,)
 #: Normalisation layers y = a_hat * weight + bias whose parameters are per channel (dimension 1 of the output).
 _CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 #: Normalisation layers whose parameters run over the trailing ``normalized_shape`` dimensions.
@@ -72,8 +75,9 @@ def _units_of(module: nn.Module, attr: str, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _needed_units(module: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The output units that the wanted weight and bias entries involve (sorted), or None: all of them, or a
-    layer whose signals are kept whole (a grouped convolution, a LayerNorm over more than one dimension)."""
+    """The output units that the wanted weight and bias entries involve (sorted), or None: more than half of
+    them, or a layer whose signals are kept whole (a grouped convolution, a LayerNorm over more than one
+    dimension)."""
     if isinstance(module, _CONV) and module.groups > 1:
         return None
     if isinstance(module, _TRAILING_NORMS) and len(module.normalized_shape) > 1:
@@ -84,7 +88,8 @@ def _needed_units(module: nn.Module, weight: torch.Tensor | None, bias: torch.Te
         n_units = module.weight.shape[0] if module.weight is not None else module.bias.shape[0]
     parts = [_units_of(module, a, i) for a, i in (("weight", weight), ("bias", bias)) if i is not None]
     units = torch.unique(torch.cat(parts))
-    return None if len(units) == n_units else units
+    # keeping most units would save little and cost a gather of the signals (slow along the last dimension)
+    return None if 2 * len(units) > n_units else units
 
 
 def signal_supported(module: nn.Module) -> bool:
@@ -167,13 +172,15 @@ def layer_signals(
     objectives: Callable[[torch.Tensor], Sequence[torch.Tensor]],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One forward pass over the batch with a hook adding a zero tensor (requiring grad) to each signal layer's
-    output and saving its input, then one backward pass per objective w.r.t. those zeros.
+    output and saving its input, then the gradients of each objective w.r.t. those zeros.
 
     ``objectives(output)`` returns scalars, each a sum over the batch of a per-sample quantity. The parameters
     are held constant (only the zeros require grad), so each pass computes the gradients w.r.t. the layer
     outputs and nothing else; as samples do not interact in eval mode, the gradient of the sum at sample b is
-    sample b's own. Returns (output detached, {name: signals (B, n_objectives, *out)}, {name: input (B, *in)}),
-    where a layer with ``units`` keeps only those units' signals (along its ``unit_dim``).
+    sample b's own. Several objectives are differentiated in one backward pass vectorised over them (unless
+    the model holds a module in ``VMAP_UNSAFE``). Returns (output detached, {name: signals (B, n_objectives,
+    *out)}, {name: input (B, *in)}), where a layer with ``units`` keeps only those units' signals (along its
+    ``unit_dim``); the signals may be a strided view.
     """
     const = {n: p.detach() for n, p in model.named_parameters()}
     const.update({n: b.detach() for n, b in model.named_buffers()})
@@ -199,63 +206,100 @@ def layer_signals(
     names = [layer.name for layer in layers]
     if not names:
         return out.detach(), {}, saved
-    # a layer that runs but does not reach the objective (e.g. an auxiliary head) gets zero signals
-    per_objective = [
-        torch.autograd.grad(
-            t, [eps[n] for n in names], retain_graph=i < len(targets) - 1, allow_unused=True, materialize_grads=True
+    inputs = [eps[n] for n in names]
+    signals = {}
+    if len(targets) > 1 and not any(isinstance(m, VMAP_UNSAFE) for m in model.modules()):
+        # all objectives in one backward pass, vectorised over them (torch's is_grads_batched): each layer's
+        # signals come out as (n_objectives, B, *out), so no per-objective copies are stacked
+        grads = torch.autograd.grad(
+            torch.stack(targets),
+            inputs,
+            torch.eye(len(targets), dtype=targets[0].dtype, device=targets[0].device),
+            is_grads_batched=True,
+            allow_unused=True,  # a layer that runs but does not reach the objective (an auxiliary head): zeros
+            materialize_grads=True,
         )
+        for layer, g, e in zip(layers, grads, inputs, strict=True):
+            if g.dim() == e.dim():  # an unused input's materialised zeros lack the objectives' dimension
+                g = g.unsqueeze(0).expand(len(targets), *g.shape)
+            if layer.units is not None:  # on the model's device already (plan_signal_layers puts it there)
+                g = g.index_select(1 + layer.unit_dim % (g.dim() - 1), layer.units)
+            signals[layer.name] = g.transpose(0, 1)  # (B, n_objectives, *out), a view
+        return out.detach(), signals, saved
+    per_objective = [
+        torch.autograd.grad(t, inputs, retain_graph=i < len(targets) - 1, allow_unused=True, materialize_grads=True)
         for i, t in enumerate(targets)
     ]
-    signals = {}
     for i, layer in enumerate(layers):
         grads = [g[i] for g in per_objective]
-        if layer.units is not None:  # on the model's device already (plan_signal_layers puts it there)
+        if layer.units is not None:
             grads = [g.index_select(layer.unit_dim % g.dim(), layer.units) for g in grads]
-        signals[layer.name] = torch.stack(grads, dim=1)
+        # one objective: a view, not a copy
+        signals[layer.name] = grads[0].unsqueeze(1) if len(grads) == 1 else torch.stack(grads, dim=1)
     return out.detach(), signals, saved
+
+
+def _take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, idx)``, or ``t`` itself when ``idx`` is every index in order (no copy)."""
+    n = t.shape[dim]
+    if len(idx) == n and bool((idx == torch.arange(n, device=idx.device)).all()):
+        return t
+    return t.index_select(dim, idx)
+
+
+#: Wanted entries are formed from the whole block of their distinct rows x distinct columns by one batched
+#: matrix product (then gathered) unless that block is more than this many times their number.
+_BLOCK_RATIO = 32
+#: Sparse entries over fewer positions than this are gathered and multiplied elementwise (in pieces of at most
+#: _GATHER_ELEMENTS numbers); over more, one batched matrix product per distinct row.
+_GATHER_POSITIONS = 64
+_GATHER_ELEMENTS = 2**22
 
 
 def gather_products(g: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """out[b, c, k] = sum_l g[b, c, rows[k], l] * u[b, cols[k], l].
 
-    When the wanted (row, col) pairs fill at least a quarter of the block spanned by their distinct rows and
-    distinct columns, every product of that block is formed by one batched matrix product (an outer product for
-    l = 1, e.g. a linear layer) and the wanted entries are gathered from it: at most 4x the output's memory.
-    Sparser sets are grouped by row, one batched matrix product per distinct row (convolutions: l runs over
-    output positions), or gathered and multiplied elementwise when l = 1."""
+    When the block spanned by the wanted (row, col) pairs' distinct rows and distinct columns is at most
+    ``_BLOCK_RATIO`` times their number, every product of that block is formed by one batched matrix product
+    (an outer product for l = 1, e.g. a linear layer) and the wanted entries are gathered from it. Sparser sets
+    are gathered and multiplied elementwise when l is small (l = 1, or a Linear mapped over a few positions),
+    or grouped by row, one batched matrix product per distinct row (convolutions: l runs over positions)."""
     b, c, n_rows, n_pos = g.shape
     distinct_rows, row_pos = torch.unique(rows, return_inverse=True)
     distinct_cols, col_pos = torch.unique(cols, return_inverse=True)
-    n_r, n_c = len(distinct_rows), len(distinct_cols)
-    if 4 * len(rows) >= n_r * n_c:
-        gs = g if n_r == n_rows else g.index_select(2, distinct_rows)
-        us = u if n_c == u.shape[1] else u.index_select(1, distinct_cols)
+    n_r, n_c, k = len(distinct_rows), len(distinct_cols), len(rows)
+    if 2 * n_r > n_rows:  # most rows: the block spans them all, rather than gathering them first
+        distinct_rows, row_pos, n_r = torch.arange(n_rows, device=rows.device), rows, n_rows
+    if 2 * n_c > u.shape[1]:
+        distinct_cols, col_pos, n_c = torch.arange(u.shape[1], device=cols.device), cols, u.shape[1]
+    if n_r * n_c <= _BLOCK_RATIO * k:
+        gs, us = _take(g, 2, distinct_rows), _take(u, 1, distinct_cols)
         if n_pos == 1:
             full = gs[..., 0].unsqueeze(3) * us[:, None, :, 0].unsqueeze(2)  # (B, C, n_r, n_c)
         else:
             full = torch.matmul(gs.reshape(b, c * n_r, n_pos), us.transpose(1, 2))
-        full = full.reshape(b, c, n_r * n_c)
-        flat = row_pos * n_c + col_pos
-        if len(flat) == n_r * n_c and bool((flat == torch.arange(len(flat), device=flat.device)).all()):
-            return full  # the whole block, in order (e.g. a whole weight tensor)
-        return full.index_select(2, flat)
+        return _take(full.reshape(b, c, n_r * n_c), 2, row_pos * n_c + col_pos)
     if n_pos == 1:
         return g[..., 0].index_select(2, rows) * u[:, :, 0].index_select(1, cols).unsqueeze(1)
+    if n_pos < _GATHER_POSITIONS:
+        step = max(1, _GATHER_ELEMENTS // (b * c * n_pos))
+        pieces = [
+            (g.index_select(2, rows[s : s + step]) * u.index_select(1, cols[s : s + step]).unsqueeze(1)).sum(3)
+            for s in range(0, k, step)
+        ]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     order = torch.argsort(rows, stable=True)
     u_sorted = u.index_select(1, cols[order])  # (B, k, L), grouped by row: each group is a contiguous slice
     blocks, start = [], 0
-    for r, n in zip(*torch.unique_consecutive(rows[order], return_counts=True), strict=True):
-        n = int(n)
-        blocks.append(torch.matmul(g[:, :, int(r), :], u_sorted[:, start : start + n, :].transpose(1, 2)))
+    distinct, counts = torch.unique_consecutive(rows[order], return_counts=True)
+    for r, n in zip(distinct.tolist(), counts.tolist(), strict=True):
+        blocks.append(torch.matmul(g[:, :, r, :], u_sorted[:, start : start + n, :].transpose(1, 2)))
         start += n
     return torch.cat(blocks, dim=2).index_select(2, torch.argsort(order))
 
 
 def _normalised(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """a_hat of a normalisation layer y = a_hat * weight + bias (eval mode), as its forward computes it."""
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        shape = (1, -1) + (1,) * (a.dim() - 2)
-        return (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+    """a_hat of a GroupNorm, LayerNorm or RMSNorm y = a_hat * weight + bias, as its forward computes it."""
     if isinstance(m, nn.GroupNorm):
         return nn.functional.group_norm(a, m.num_groups, None, None, m.eps)
     if isinstance(m, nn.LayerNorm):
@@ -265,26 +309,34 @@ def _normalised(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
 
 def _norm_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Normalisation layers: d weight = sum of g * a_hat and d bias = sum of g over every output position
-    that shares the parameter (batch, spatial positions for channel norms; leading dimensions for LayerNorm)."""
+    that shares the parameter (spatial positions for channel norms; leading dimensions for LayerNorm).
+    BatchNorm in eval mode, a_hat = (a - mean) / sqrt(var + eps) with the running statistics: d weight =
+    (sum g a - mean sum g) / sqrt(var + eps), so a_hat is never formed."""
     m = layer.module
     b, c = g.shape[:2]
     out: dict[str, torch.Tensor] = {}
     if isinstance(m, _CHANNEL_NORMS):  # parameters along dimension 1
         g2 = g.reshape(b, c, g.shape[2], -1)  # (B, C, units kept, positions)
         if layer.weight is not None:
-            a_hat = _normalised(m, a).index_select(1, layer.weight).reshape(b, 1, len(layer.weight), -1)
-            out["weight"] = (g2.index_select(2, layer.unit_positions(layer.weight)) * a_hat).sum(3)
+            gw = _take(g2, 2, layer.unit_positions(layer.weight))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                a_w = _take(a, 1, layer.weight).reshape(b, 1, len(layer.weight), -1)
+                sums = (gw * a_w).sum(3) - m.running_mean[layer.weight] * gw.sum(3)
+                out["weight"] = sums / torch.sqrt(m.running_var[layer.weight] + m.eps)
+            else:
+                a_hat = _take(_normalised(m, a), 1, layer.weight).reshape(b, 1, len(layer.weight), -1)
+                out["weight"] = (gw * a_hat).sum(3)
         if layer.bias is not None:
-            out["bias"] = g2.index_select(2, layer.unit_positions(layer.bias)).sum(3)
+            out["bias"] = _take(g2, 2, layer.unit_positions(layer.bias)).sum(3)
         return out
     n_param = m.weight.numel() if m.weight is not None else m.bias.numel()
     n_kept = n_param if layer.units is None else len(layer.units)
     g2 = g.reshape(b, c, -1, n_kept)  # (B, C, leading positions, parameter entries kept)
     if layer.weight is not None:
-        a_hat = _normalised(m, a).reshape(b, 1, -1, n_param).index_select(3, layer.weight)
-        out["weight"] = (g2.index_select(3, layer.unit_positions(layer.weight)) * a_hat).sum(2)
+        a_hat = _take(_normalised(m, a).reshape(b, 1, -1, n_param), 3, layer.weight)
+        out["weight"] = (_take(g2, 3, layer.unit_positions(layer.weight)) * a_hat).sum(2)
     if layer.bias is not None:
-        out["bias"] = g2.index_select(3, layer.unit_positions(layer.bias)).sum(2)
+        out["bias"] = _take(g2, 3, layer.unit_positions(layer.bias)).sum(2)
     return out
 
 
@@ -398,7 +450,7 @@ def _conv_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[
                 flat = flat + torch.searchsorted(channels, within // kk) * kk + within % kk
             else:
                 full, flat = conv_weight_grads(geom, m.groups, a2, g2).reshape(b, c, -1), layer.weight
-            out["weight"] = full if len(flat) == full.shape[2] else full.index_select(2, flat)
+            out["weight"] = _take(full, 2, flat)
         else:  # sparse: per-row products with the unfolded input, on the input channels read only
             cols = (rows // (m.out_channels // m.groups)) * q_g + within  # columns of the whole unfolded input
             channels = torch.unique(cols // kk)
@@ -408,7 +460,7 @@ def _conv_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[
             u = nn.functional.unfold(a2, geom["kernel"], geom["dilation"], geom["padding"], geom["stride"])
             out["weight"] = gather_products(g2.reshape(b, c, g2.shape[2], -1), u, layer.unit_positions(rows), cols)
     if layer.bias is not None:
-        out["bias"] = g.reshape(b, c, g.shape[2], -1).index_select(2, layer.unit_positions(layer.bias)).sum(3)
+        out["bias"] = _take(g.reshape(b, c, g.shape[2], -1), 2, layer.unit_positions(layer.bias)).sum(3)
     return out
 
 
@@ -453,19 +505,33 @@ def _token_weights(m: nn.Embedding, idx: torch.Tensor, dtype: torch.dtype) -> to
 
 
 def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Embedding y_t = W[i_t]: d W[v, j] = sum over tokens t with i_t = v of g_t[j] (times the token factors),
-    as products of the signals with the tokens' one-hot codes over the wanted rows v only."""
+    """Embedding y_t = W[i_t]: d W[v, j] = sum over tokens t with i_t = v of g_t[j] (times the token factors).
+    Each token whose row v holds wanted entries adds its signal's wanted columns to those entries: one gather
+    and one scatter-add over the (token, wanted entry of its row) pairs, nothing per vocabulary row."""
     m = layer.module
     b, c = g.shape[:2]
+    k = len(layer.weight)
     tokens = idx.reshape(b, -1)  # (B, T)
     g2 = g.reshape(b, c, tokens.shape[1], -1)  # (B, C, T, columns kept)
-    vocab_rows, row_pos = torch.unique(layer.weight // m.embedding_dim, return_inverse=True)
-    onehot = (tokens.unsqueeze(1) == vocab_rows.view(1, -1, 1)).to(g.dtype)  # (B, rows wanted, T)
-    factors = _token_weights(m, tokens, g.dtype)
-    if factors is not None:
-        onehot = onehot * factors.unsqueeze(1)
+    # wanted entries are sorted by flat index, so grouped by row: row r's entries are starts[r] .. + counts[r]
+    vocab_rows, counts = torch.unique_consecutive(layer.weight // m.embedding_dim, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    where = torch.searchsorted(vocab_rows, tokens.contiguous()).clamp_max(len(vocab_rows) - 1)
+    hit = vocab_rows[where] == tokens
+    if m.padding_idx is not None:  # that row's gradient is zero
+        hit &= tokens != m.padding_idx
+    sample, position = hit.nonzero(as_tuple=True)  # the tokens whose row has wanted entries
+    rows = where[sample, position]
+    per_token = counts[rows]
+    token = torch.repeat_interleave(torch.arange(len(rows), device=g.device), per_token)  # one per pair
+    first = torch.repeat_interleave(torch.cumsum(per_token, 0) - per_token, per_token)
+    entry = starts[rows][token] + torch.arange(len(token), device=g.device) - first  # the pair's wanted entry
     cols = layer.unit_positions(layer.weight % m.embedding_dim)
-    return {"weight": gather_products(g2.transpose(2, 3), onehot, cols, row_pos)}
+    values = g2[sample[token], :, position[token], cols[entry]]  # (pairs, C)
+    if m.scale_grad_by_freq:
+        values = values * _token_weights(m, tokens, g.dtype)[sample, position][token].unsqueeze(1)
+    out = g.new_zeros(b * k, c).index_add_(0, sample[token] * k + entry, values)
+    return {"weight": out.view(b, k, c).transpose(1, 2)}
 
 
 def _embedding_squared_norms(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -516,7 +582,7 @@ def layer_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[
         rows = layer.unit_positions(layer.weight // m.in_features)
         out["weight"] = gather_products(g2.transpose(2, 3), a2.transpose(1, 2), rows, layer.weight % m.in_features)
     if layer.bias is not None:
-        out["bias"] = g2.index_select(3, layer.unit_positions(layer.bias)).sum(2)
+        out["bias"] = _take(g2, 3, layer.unit_positions(layer.bias)).sum(2)
     return out
 
 
