@@ -29,32 +29,13 @@ needs_ray = pytest.mark.skipif(
 # One run, two strategies: two jobs, one per worker CPU.
 SMALL = {**TINY, "loop": {**TINY["loop"], "runs": 1, "rounds": 2}}
 ROUNDS = 2 * 3  # strategies x (round 0 + 2 rounds)
-# Ray resolves 127.0.0.1 to the machine's address unless it is told that this is a one-machine "cluster".
+# for the drivers started as subprocesses (see the ray_cluster fixture)
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A Ray head on 127.0.0.1 with 2 CPUs, started (and stopped) by this process; yields its address."""
-    import ray
-    from ray._private import ray_constants
-
-    saved = {k: os.environ.get(k) for k in LOOPBACK_ENV}
-    os.environ.update(LOOPBACK_ENV)  # for the drivers started as subprocesses
-    was_cluster, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False  # read at import
-    ctx = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    address = ctx.address_info["gcs_address"]
-    assert address.startswith("127.0.0.1:")
-    try:
-        yield address
-    finally:
-        ray.shutdown()
-        ray_constants.ENABLE_RAY_CLUSTER = was_cluster
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def cluster(ray_cluster):
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
