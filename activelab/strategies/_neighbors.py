@@ -59,7 +59,9 @@ def _faiss():
     try:
         import faiss
     except ImportError:
-        raise ActivelabError("backend='faiss' needs the faiss package: pip install faiss-cpu (or use 'exact')") from None
+        raise ActivelabError(
+            "backend='faiss' needs the faiss package: pip install faiss-cpu (or use 'exact')"
+        ) from None
     return faiss
 
 

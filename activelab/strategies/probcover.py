@@ -61,22 +61,25 @@ def purity_delta(
     return delta, purity(d_other, delta)
 
 
-def greedy_coverage(graph: sp.csr_matrix, n_labeled: int, budget: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def greedy_coverage(
+    graph: sp.csr_matrix, n_labeled: int, budget: int, rng: np.random.Generator
+) -> tuple[np.ndarray, int]:
     """Greedy maximum coverage on a directed graph over ``[labeled; candidates]`` rows: points reachable from
     the labeled rows are covered; then repeatedly take the candidate covering the most uncovered points (ties:
     lowest position) and mark what it covers. When everything is covered the rest are drawn uniformly from
     ``rng`` among the unpicked candidates. Returns (candidate positions, number drawn at random).
     Time O(E + budget·N) for E edges: each newly covered point lowers the degrees of its in-neighbours once."""
     n_total = graph.shape[0]
-    n_cand = n_total - n_labeled
     graph = graph.tocsr()
     into = graph.tocsc()  # column j lists the rows that cover j
     covered = np.zeros(n_total, dtype=bool)
     if n_labeled:
         covered[np.unique(graph[:n_labeled].indices)] = True
-    degree = np.asarray(graph[:, ~covered].sum(axis=1)).ravel().astype(np.int64) if covered.any() else np.diff(
-        graph.indptr
-    ).astype(np.int64)
+    degree = (
+        np.asarray(graph[:, ~covered].sum(axis=1)).ravel().astype(np.int64)
+        if covered.any()
+        else np.diff(graph.indptr).astype(np.int64)
+    )
     degree[:n_labeled] = -1
     picked = np.zeros(n_total, dtype=bool)
     chosen: list[int] = []
