@@ -152,8 +152,8 @@ def radius_graph(
         xt = torch.from_numpy(x)
         x_sq = _squared_norms(xt)
         for r0, r1 in _row_blocks(n, n, block_elements):
-            mask = _sq_block(xt, x_sq, r0, r1) < r_sq
-            add(r0, mask.sum(dim=1).numpy(), mask.nonzero()[:, 1].numpy())
+            nz = torch.nonzero(_sq_block(xt, x_sq, r0, r1) < r_sq).numpy()  # row-major: sorted by row, column
+            add(r0, np.bincount(nz[:, 0], minlength=r1 - r0), nz[:, 1])
     np.cumsum(indptr, out=indptr)
     indices = np.concatenate(cols) if cols else np.zeros(0, np.int32)
     if total < 2**31:
