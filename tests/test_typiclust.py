@@ -101,3 +101,28 @@ def test_knn_is_chunked_and_exact():
     np.fill_diagonal(dense, np.inf)
     want = np.sort(dense, axis=1)[:, :4]
     np.testing.assert_allclose(knn_sq_distances(x, 4, block_elements=300), want, rtol=1e-4, atol=1e-5)
+
+
+def test_select_with_user_embeddings_uses_them_normalised():
+    import activelab
+    from activelab.errors import ActivelabError
+
+    from .conftest import TinyNet, make_pool
+
+    pool, labeled = make_pool(), np.arange(0, 60, 5)
+    rng = np.random.default_rng(0)
+    emb = _blobs(rng, len(pool)) * 3.0
+    got = activelab.select("typiclust", TinyNet(), pool, labeled=labeled, budget=4, embeddings=emb, embedding="user")
+    unlabeled = np.setdiff1d(np.arange(len(pool)), labeled)
+    assert set(got.tolist()) <= set(unlabeled.tolist())
+    # L2-normalised: a copy scaled by 4 (exact in floating point) gives the same picks; other embeddings give others
+    scaled = activelab.select(
+        "typiclust", TinyNet(), pool, labeled=labeled, budget=4, embeddings=emb * 4.0, embedding="user"
+    )
+    np.testing.assert_array_equal(got, scaled)
+    other = activelab.select(
+        "typiclust", TinyNet(), pool, labeled=labeled, budget=4, embeddings=emb[::-1].copy(), embedding="user"
+    )
+    assert not np.array_equal(got, other)
+    with pytest.raises(ActivelabError, match="embedding='user' needs embeddings"):
+        activelab.select("typiclust", TinyNet(), pool, labeled=labeled, budget=4, embedding="user")

@@ -11,7 +11,7 @@ from pydantic import Field
 from scipy.special import entr
 
 from ..errors import ActivelabError
-from .base import Strategy, StrategyParams, candidate_subset, register
+from .base import Strategy, StrategyParams, register
 
 #: Entries (float64) of the largest temporary of one scoring step: 2**22 -> 32 MB.
 CHUNK_ELEMENTS = 2**22
@@ -141,6 +141,7 @@ def batchbald_select(
 
 class BatchBALDParams(StrategyParams):
     mc_samples: int = Field(20, ge=1, description="K: stochastic (MC dropout) passes per ensemble member")
+    ensemble: int = Field(1, ge=1, description="E: ensemble members (P = E·K passes; see the mc_dropout strategies)")
     num_samples: int | None = Field(None, ge=1, description="M label configurations (None: 40000 // C)")
     subset: int | None = Field(None, ge=1, description="random unlabeled candidates considered (None: all)")
     chunk_elements: int = Field(CHUNK_ELEMENTS, ge=1, description="largest temporary per scoring step (float64)")
@@ -150,33 +151,34 @@ class BatchBALDParams(StrategyParams):
 class BatchBALD(Strategy):
     """BatchBALD (Kirsch, van Amersfoort & Gal, "BatchBALD: Efficient and Diverse Batch Acquisition for Deep
     Bayesian Active Learning", NeurIPS 2019): greedy maximisation of I(y_1..y_b; w) over K MC-dropout passes
-    per ensemble member (E members: P = E·K passes).
+    per ensemble member (E members, trained separately by the experiment runner: P = E·K passes).
 
     The joint entropy is exact while C^n <= M and estimated from M sampled label configurations after (M =
     40000 // C by default, as baal suggests; the configurations are drawn from the round's generator).
     Complexity: P forward passes over the candidates; greedy selection O(b·N·M·P·C) time; memory O(P·N·C) for
     the pass probabilities plus O(P·M) for the batch's configurations plus one scoring temporary of at most
     ``chunk_elements`` float64 entries (the naive form holds N·M·C at once: 3.2 GB at N = 10,000, M = 4,000,
-    C = 10). ``subset`` scores a uniform random subset of the candidates instead of all of them.
+    C = 10). ``subset`` (as the ``subsample`` wrapper) scores a seeded uniform subset of the candidates, which
+    bounds the P·N·C probabilities and the time as well.
     Deviations from the authors' code (batchbald_redux): numpy float64 on the CPU; the sampled configurations are
     renormalised per column after each pick (the log scale is added back, so the scores are unchanged) to avoid
-    underflow at large batches; the switch to sampling draws the whole batch's configurations anew from the
-    generator; ties go to the lowest position.
+    underflow at large batches; at the switch to sampling the whole batch's configurations are drawn anew from
+    the generator, M // P per pass; ties go to the lowest position.
     """
 
     name = "batchbald"
     Params = BatchBALDParams
     first_round_random = True
-    outputs = ("mc_probs",)
     example_params = {"mc_samples": 3, "num_samples": 16}
+
+    def ensemble_size(self) -> int:
+        return self.params.ensemble
 
     def query(self, ctx, budget, rng):
         p: BatchBALDParams = self.params
-        positions = candidate_subset(len(ctx.candidates), p.subset, budget, rng)
         seed = int(rng.integers(2**31 - 1))
-        probs = ctx.mc_probs(p.mc_samples, seed)
-        if len(positions) < len(ctx.candidates):
-            probs = probs[:, positions]
-        picks, _ = batchbald_select(probs, budget, rng, p.num_samples, p.chunk_elements)
+        probs = ctx.mc_probs(p.mc_samples, seed, p.ensemble)
+        picks, scores = batchbald_select(probs, budget, rng, p.num_samples, p.chunk_elements)
         ctx.info["batchbald_num_samples"] = int(p.num_samples or default_num_samples(probs.shape[2]))
-        return positions[picks]
+        ctx.info["batchbald_last_gain"] = float(scores[-1]) if len(scores) else None
+        return picks
