@@ -77,3 +77,48 @@ def test_should_stop_rule():
     assert should_stop(StopWhen(labels=3), [None], [None], [3]) == "budget"
     with pytest.raises(ValueError):
         StopWhen(no_such=1)
+
+
+def test_experiment_stop_set_stop_when_first_round_and_report(tmp_path):
+    """End to end on digits: a label-free first round (typiclust, 20 labels) then margin; the stop set's values
+    are stored per round; stop_when ends the run at 40 labels; resuming does not continue it; report shows it."""
+    import yaml
+    from click.testing import CliRunner
+
+    from activelab.cli import main
+    from activelab.experiment.runner import load_experiment, run_experiment
+
+    cfg = {
+        "name": "stop",
+        "dataset": {"name": "digits"},
+        "validation": {"per_class": 3},
+        "model": {"name": "digits_cnn"},
+        "train": {"optimizer": "adam", "lr": 0.003, "batch_size": 32, "epochs": 2},
+        "loop": {"initial": 0, "budget": 10, "rounds": 5, "runs": 1, "seed": 1, "stop_set": 150,
+                 "stop_when": {"labels": 40}},
+        "threads": 1,
+        "strategies": [{"name": "margin", "first_round": {"name": "typiclust", "budget": 20}}],
+    }  # fmt: skip
+    path = tmp_path / "stop.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert not run_experiment(path, tmp_path / "exp", progress=False).failed
+    _, store = load_experiment(tmp_path / "exp")
+    recs = sorted(store.rounds(), key=lambda r: r.round)
+    store.close()
+    assert [r.strategy for r in recs][0] == "typiclust@20>margin"
+    assert [r.n_labeled for r in recs] == [20, 30, 40]  # stopped at the labels criterion
+    assert recs[0].info["first_round"] == "typiclust@20" and "first_round" not in recs[1].info
+    assert recs[-1].info["stopped_by"] == "budget" and "stopped_by" not in recs[-2].info
+    entries = [r.info["stop_set"] for r in recs]
+    assert entries[0]["kappa"] is None and all(len(e["predictions"]) == 150 for e in entries)
+    for prev, cur in zip(entries, entries[1:]):  # kappa recomputed from the stored predictions
+        assert cur["kappa"] == pytest.approx(cohen_kappa(np.array(prev["predictions"]), np.array(cur["predictions"])))
+    assert all(0 <= e["least_confidence"] <= 1 for e in entries)
+    assert not run_experiment(path, tmp_path / "exp", progress=False).failed  # resume: nothing more
+    _, store = load_experiment(tmp_path / "exp")
+    assert len(store.rounds()) == 3
+    store.close()
+    out = CliRunner().invoke(main, ["report", str(tmp_path / "exp")])
+    assert out.exit_code == 0, out.output
+    budget_row = next(line for line in out.output.splitlines() if "budget  " in line and "typiclust" in line)
+    assert "1/1" in budget_row and " 40 " in budget_row
