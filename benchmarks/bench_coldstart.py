@@ -10,6 +10,7 @@ Every measurement runs in a fresh single-threaded subprocess; peak memory is the
 
 - ours: ``typiclust_select`` (k-means, then chunked kNN inside clusters) and ``probcover_select`` (exact purity
   delta with alpha 0.95 and k-means with k = 10, chunked CSR radius graph, greedy coverage);
+- ours with ``backend="faiss"`` (faiss k-means, ``IndexFlatL2`` kNN and range search);
 - scikit-activeml 1.x: ``TypiClust`` (KMeans with L + b clusters, k = 5) and ``ProbCover`` (n_classes = 10,
   its delta grid 0.2 .. 2.0). Its ProbCover holds the dense N x N float64 distance matrix (and boolean N x N
   edge and purity masks), so it is run at ``--skactiveml-probcover-sizes`` only and extrapolated
@@ -53,10 +54,13 @@ def child(args) -> None:
     base = rss_mb()
     start = time.perf_counter()
     info: dict = {}
-    if args.child == "ours_typiclust":
-        picks = typiclust_select(x, x[:0], args.budget, np.random.default_rng(0), info=info)
-    elif args.child == "ours_probcover":
-        picks = probcover_select(x, x[:0], args.budget, np.random.default_rng(0), num_classes=10, info=info)
+    backend = "faiss" if args.child.endswith("_faiss") else "exact"
+    if args.child.startswith("ours_typiclust"):
+        picks = typiclust_select(x, x[:0], args.budget, np.random.default_rng(0), info=info, backend=backend)
+    elif args.child.startswith("ours_probcover"):
+        picks = probcover_select(
+            x, x[:0], args.budget, np.random.default_rng(0), num_classes=10, info=info, backend=backend
+        )
     else:
         y = np.full(len(x), np.nan)
         if args.child == "skactiveml_typiclust":
@@ -87,6 +91,11 @@ def main() -> None:
     parser.add_argument("--skactiveml-probcover-sizes", default="5000,10000")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--budget", type=int, default=100)
+    parser.add_argument(
+        "--methods",
+        default="ours_typiclust,skactiveml_typiclust,ours_probcover,skactiveml_probcover,ours_typiclust_faiss,"
+        "ours_probcover_faiss",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell (the table shows min and max)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
@@ -103,7 +112,7 @@ def main() -> None:
     print("-" * len(header))
     fit: dict[str, tuple[int, float, float]] = {}
     for n in sizes:
-        for method in ("ours_typiclust", "skactiveml_typiclust", "ours_probcover", "skactiveml_probcover"):
+        for method in args.methods.split(","):
             if method == "skactiveml_probcover" and n not in sk_pc:
                 if method in fit:
                     m, t, mem = fit[method]

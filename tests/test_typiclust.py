@@ -92,6 +92,13 @@ def test_faiss_backend_same_neighbours_and_picks():
     a = typiclust_select(x, x[:0], 10, np.random.default_rng(0), cluster_labels=labels, backend="faiss")
     b = typiclust_select(x, x[:0], 10, np.random.default_rng(0), cluster_labels=labels)
     np.testing.assert_array_equal(a, b)
+    # faiss k-means too: seeded, and each pick the reference's most typical point of its faiss cluster
+    from activelab.strategies._neighbors import kmeans_labels
+
+    c = typiclust_select(x, x[:0], 6, np.random.default_rng(3), backend="faiss")
+    np.testing.assert_array_equal(c, typiclust_select(x, x[:0], 6, np.random.default_rng(3), backend="faiss"))
+    faiss_labels = kmeans_labels(x, 6, np.random.default_rng(3), backend="faiss")
+    np.testing.assert_array_equal(c, reference_typiclust(x, x[:0], 6, faiss_labels))
 
 
 def test_knn_is_chunked_and_exact():

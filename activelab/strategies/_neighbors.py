@@ -35,15 +35,24 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1.0)
 
 
-def kmeans_labels(x: np.ndarray, n_clusters: int, rng: np.random.Generator, minibatch_above: int = 50) -> np.ndarray:
+def kmeans_labels(
+    x: np.ndarray, n_clusters: int, rng: np.random.Generator, minibatch_above: int = 50, backend: Backend = "exact"
+) -> np.ndarray:
     """Cluster labels from scikit-learn's KMeans, or MiniBatchKMeans (batch 5000) above ``minibatch_above``
-    clusters, as in the TypiClust authors' code; seeded from ``rng``."""
+    clusters, as in the TypiClust authors' code; seeded from ``rng``. ``backend="faiss"``: ``faiss.Kmeans``
+    (20 Lloyd iterations; much faster on large pools, a different local optimum)."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
     n_clusters = int(min(n_clusters, len(x)))
     seed = int(rng.integers(2**31 - 1))
     if n_clusters <= 1:
         return np.zeros(len(x), dtype=np.int64)
+    if backend == "faiss":
+        faiss = _faiss()
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+        km = faiss.Kmeans(x32.shape[1], n_clusters, niter=20, seed=seed % 2**30, verbose=False)
+        km.train(x32)
+        return km.index.search(x32, 1)[1][:, 0].astype(np.int64)
     if n_clusters <= minibatch_above:
         km = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed)
     else:

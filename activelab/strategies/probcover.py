@@ -133,7 +133,7 @@ def probcover_select(
         if cluster_labels is None:
             if num_classes is None or num_classes < 2:
                 raise ActivelabError("the purity rule needs num_classes >= 2 (the k of its k-means), or pass delta")
-            cluster_labels = kmeans_labels(x, num_classes, rng)
+            cluster_labels = kmeans_labels(x, num_classes, rng, backend=backend)
         delta, pure = purity_delta(x, cluster_labels, alpha, deltas, block_elements, backend)
     if delta <= 0:
         raise ActivelabError(f"delta must be positive; got {delta}")

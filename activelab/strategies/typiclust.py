@@ -61,7 +61,7 @@ def typiclust_select(
     x = np.concatenate([labeled, candidates])
     n_clusters = min(n_lab + budget, max_clusters, len(x))
     if cluster_labels is None:
-        cluster_labels = kmeans_labels(x, n_clusters, rng, minibatch_above)
+        cluster_labels = kmeans_labels(x, n_clusters, rng, minibatch_above, backend)
     cluster_labels = np.asarray(cluster_labels, dtype=np.int64)
     ids, sizes = np.unique(cluster_labels, return_counts=True)
     lab_counts = np.bincount(cluster_labels[:n_lab], minlength=ids.max() + 1)[ids]
@@ -103,7 +103,9 @@ class TypiClustParams(EmbeddingParams):
     max_clusters: int = Field(500, ge=1, description="clusters: min(|L| + budget, max_clusters)")
     min_cluster_size: int = Field(5, ge=0, description="clusters with at most this many points are skipped")
     k_neighbors: int = Field(20, ge=1, description="k of the typicality (capped at half the cluster)")
-    backend: Backend = Field("exact", description="'exact' (chunked torch) or 'faiss' (if installed) for the kNN")
+    backend: Backend = Field(
+        "exact", description="'exact': scikit-learn k-means, chunked torch kNN; 'faiss' (if installed): faiss for both"
+    )
 
 
 @register
@@ -120,7 +122,8 @@ class TypiClust(Strategy):
     Complexity: k-means on L + N points, O((L + N)·k·d) per iteration; typicality within each visited cluster,
     O(|cluster|^2·d) time in distance blocks of ``BLOCK_ELEMENTS`` entries (never N x N), O(|cluster|·k) memory.
     Deviations from the authors' code: k-means is seeded from the round's generator (theirs is unseeded) with
-    n_init=1; the kNN is exact chunked torch (theirs: faiss on the GPU; ``backend: faiss`` uses faiss here); when
+    n_init=1; the kNN is exact chunked torch (theirs: faiss on the GPU; ``backend: faiss`` uses faiss here, for the
+    k-means too); when
     every kept cluster is used up (budget above the points they hold), the small clusters and then any candidate
     are used where theirs fails. Squared distances as theirs (faiss ``IndexFlatL2``; the paper writes the plain
     L2 distance). The per-class counts of its picks are recorded in experiments (it favours dense regions).
