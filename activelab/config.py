@@ -176,7 +176,19 @@ class ExperimentConfig(_Section):
             mode="json",
             exclude={"name": True, "description": True, "threads": True, "loop": {"keep_checkpoints", "runs"}},
         )
+        for section, key, default in _OPTIONAL_FIELDS:  # options added later leave old fingerprints as they were
+            if data.get(section, {}).get(key, default) == default:
+                data.get(section, {}).pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: (section, field, default) of fields whose default must not change the fingerprint of older configs.
+_OPTIONAL_FIELDS = [
+    ("dataset", "clip_to", None),
+    ("bias", "label_noise", 0.0),
+    ("train", "class_weights", "none"),
+    ("train", "prior_correction", False),
+]
 
 
 def _format_error(exc: ValidationError, source: str) -> str:

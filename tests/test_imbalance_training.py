@@ -69,3 +69,28 @@ def test_symmetric_noise_flips_the_fraction_to_other_classes():
     flipped_to = noisy[noisy != y]
     assert np.bincount(flipped_to, minlength=5).min() > 20  # spread over all classes
     np.testing.assert_array_equal(symmetric_noise(y, 0.0, 5, np.random.default_rng(0)), y)
+
+
+def test_clip_and_noise_in_a_run():
+    from activelab.config import parse_config
+    from activelab.data.arrays import dataset_labels
+    from activelab.experiment.setup import load_data, prepare_run
+
+    base = {
+        "name": "t",
+        "dataset": {"name": "digits", "clip_to": 3},
+        "bias": {"label_noise": 0.1},
+        "model": {"name": "digits_cnn"},
+        "loop": {"initial": 10, "budget": 5, "rounds": 1},
+        "strategies": [{"name": "random"}],
+    }
+    cfg = parse_config(base)
+    data = prepare_run(cfg, 0)
+    assert data.num_classes == 3
+    train, test = load_data(cfg.dataset)
+    assert set(dataset_labels(test).tolist()) == {0, 1, 2}
+    clean = dataset_labels(train)[data.pool_indices]
+    noisy = dataset_labels(data.pool)
+    assert (noisy != clean).sum() == round(0.1 * len(clean))
+    clean_cfg = parse_config({**base, "bias": {}})
+    assert cfg.fingerprint() != clean_cfg.fingerprint()

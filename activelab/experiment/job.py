@@ -16,7 +16,7 @@ from ..report.metrics import round_metrics
 from ..strategies.base import get_strategy
 from ..strategies.random import random_positions
 from ..train import get_trainer
-from ..train.supervised import evaluate
+from ..train.supervised import evaluate, prior_offset
 from .seeding import numpy_rng, torch_generator, torch_seed
 from .setup import RunData, atomic_save, ensure_initial_model, new_model, prepare_run
 from .store import RoundRecord, Store
@@ -151,7 +151,10 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
                 )
         result = results[0]
         t1 = time.perf_counter()
-        predictions = evaluate(model, data.test, np.arange(len(data.test)), cfg.train.eval_batch_size, device)
+        offset = prior_offset(pool_labels[state.labeled], data.num_classes) if cfg.train.prior_correction else None
+        predictions = evaluate(
+            model, data.test, np.arange(len(data.test)), cfg.train.eval_batch_size, device, logit_offset=offset
+        )
         eval_seconds = time.perf_counter() - t1
         metrics = round_metrics(test_labels, predictions, data.num_classes, data.minority)
         labeled_counts = np.bincount(pool_labels[state.labeled], minlength=data.num_classes)
