@@ -16,8 +16,10 @@
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
 from ..errors import ActivelabError
+from .base import Strategy, StrategyParams, register
 
 
 def boundary_distances(logits: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -125,3 +127,53 @@ def minority_first_select(
         left[k] -= 1
         counts[k] += 1
     return np.asarray(picks, dtype=np.int64)
+
+
+@register
+class Base(Strategy):
+    """BASE (Emam et al. 2021): B / C per class, the candidates closest to each class's decision boundary in the
+    last linear layer (see the module docstring). No label peeking. Time O(N C d + C N log N), memory O(N C).
+    Deviation: for points predicted c, their distance to c's boundary is taken as the nearest boundary of c."""
+
+    name = "base"
+    first_round_random = True
+    outputs = ("logits",)
+
+    def query(self, ctx, budget, rng):
+        weight, _bias = ctx.classifier_parameters()
+        return base_select(boundary_distances(ctx.logits("candidates"), weight), budget, rng)
+
+
+@register
+class Bengar(Strategy):
+    """Balance-penalised entropy (Bengar, van de Weijer, Fuentes & Raducanu, WACV 2022): minimise
+    z . U + lambda ||P^T z - Omega||_1 over batches z. Solved as an LP relaxation (HiGHS through
+    scipy.optimize.linprog) rounded to the budget largest z, instead of the authors' MIP with a commercial
+    solver. Time: one LP with N + C variables and 2 C + 1 dense rows; memory O(N C)."""
+
+    name = "bengar"
+    first_round_random = True
+    outputs = ("probs",)
+
+    class Params(StrategyParams):
+        lam: float = Field(0.6, ge=0, description="weight of the balance term (0.6 on CIFAR-10 in the paper)")
+
+    def query(self, ctx, budget, rng):
+        counts = np.bincount(np.asarray(ctx.labeled_labels(), dtype=np.int64), minlength=ctx.num_classes)
+        picks, notes = bengar_select(ctx.probs("candidates"), counts, budget, self.params.lam, rng)
+        ctx.info.update(notes)
+        return picks
+
+
+@register
+class MinorityFirst(Strategy):
+    """Oracle ablation (reads the labels of the unlabeled pool): each pick goes to the class with the fewest labels
+    so far among the classes with candidates left, a random candidate within it. The ceiling the imbalance
+    benchmark measures against, not a usable strategy. Time O(N + B C)."""
+
+    name = "minority_first"
+    reads_pool_labels = True
+
+    def query(self, ctx, budget, rng):
+        counts = np.bincount(np.asarray(ctx.labeled_labels(), dtype=np.int64), minlength=ctx.num_classes)
+        return minority_first_select(ctx.pool_labels("candidates"), counts, budget, rng)

@@ -22,8 +22,10 @@ from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from ..errors import ActivelabError
+from .base import Strategy, StrategyParams, register
 
 ClassChoice = Literal["round_robin", "random"]
 Oracle = Callable[[np.ndarray], np.ndarray]
@@ -145,3 +147,49 @@ def galaxy_select(
             p.add(node, y)
         picks.append(node)
     return np.asarray(picks, dtype=np.int64)
+
+
+def context_nodes(ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probs, labeled mask, labels) over candidates then labeled samples: the nodes of GALAXY's and DIRECT's
+    paths. Nodes 0..len(candidates)-1 are candidate positions."""
+    pc = ctx.probs("candidates")
+    n_lab = len(ctx.labeled)
+    pl = ctx.probs("labeled") if n_lab else np.zeros((0, pc.shape[1]))
+    labels = np.concatenate([np.full(len(pc), -1, np.int64), np.asarray(ctx.labeled_labels(), np.int64)])
+    mask = np.concatenate([np.zeros(len(pc), bool), np.ones(n_lab, bool)])
+    return np.concatenate([pc, pl]), mask, labels
+
+
+def require_oracle(ctx, name: str) -> None:
+    if not ctx.has_oracle:
+        raise ActivelabError(
+            f"{name} labels its own picks during the selection (in-round oracle): pass oracle=callable(indices) -> "
+            "labels to activelab.select (experiments answer from the pool's labels)"
+        )
+
+
+@register
+class Galaxy(Strategy):
+    """GALAXY (Zhang, Katz-Samuels & Nowak, ICML 2022; authors' code jifanz/GALAXY, port in LabelBench).
+
+    Sequential bisection along C one-vs-rest margin paths, one in-round oracle call per query (see the module
+    docstring). Time: one O(C N log N) sort per round plus O(C L) per query (L labeled nodes); memory O(C N).
+    Deviations: without an opposite-label run on the chosen path both class choices use LabelBench's fallback
+    (nearest unlabeled node to an inverted labeled pair, else random) instead of the authors' widening of the
+    graph; training (inverse-frequency class weights, retraining from scratch) is the experiment's choice
+    (``train.class_weights``). Refuses to run without an oracle.
+    """
+
+    name = "galaxy"
+    uses_oracle = True
+    first_round_random = True
+    outputs = ("probs",)
+
+    class Params(StrategyParams):
+        class_choice: ClassChoice = Field("round_robin", description="authors: round_robin; LabelBench: random")
+
+    def query(self, ctx, budget, rng):
+        require_oracle(ctx, self.name)
+        probs, labeled, labels = context_nodes(ctx)
+        picks = galaxy_select(probs, labeled, labels, budget, ctx.ask, rng, self.params.class_choice)
+        return picks
