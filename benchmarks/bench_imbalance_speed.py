@@ -25,6 +25,7 @@ import argparse
 import sys
 import time
 import tracemalloc
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -76,76 +77,76 @@ def problem(n: int, n_labeled: int, c: int, d: int, seed: int = 0):
     return probs, labeled, np.where(labeled, truth, -1), truth, h, w, logits
 
 
+def measure(n: int, args, rows: list[str]) -> None:
+    c, b = args.classes, args.budget
+    fcpu, fwall = forward_seconds(n, c)
+    rows.append(f"| {n} | forward pass (LeNet) | {fcpu:.2f} | {fwall:.2f} | 1.00 | |")
+    probs, labeled, labels, truth, h, w, logits = problem(n, args.labeled, c, 84)
+
+    def ask(q):
+        return truth[q]
+
+    pc = probs[:n]
+    q_idx = np.flatnonzero(labeled & (truth == c - 1))[:50]
+    query = Similarity(h[q_idx], gradient_factors(probs[q_idx], truth[q_idx]))
+    pool = Similarity(h[:n], gradient_factors(pc))
+    counts = np.bincount(truth[labeled], minlength=c)
+    jobs = {
+        "galaxy (round robin)": lambda: galaxy_select(probs, labeled, labels, b, ask, np.random.default_rng(0)),
+        "direct (B1=20, 60/class)": lambda: direct_select(probs, labeled, labels, b, ask, np.random.default_rng(0)),
+        "similar flqmi, |Q|=50": lambda: smi_select("flqmi", pool, query, b),
+        "similar gcmi, |Q|=50": lambda: smi_select("gcmi", pool, query, b),
+        "base": lambda: base_select(boundary_distances(logits[:n], w), b, np.random.default_rng(0)),
+        "bengar (LP, HiGHS)": lambda: bengar_select(pc, counts, b, 0.6),
+    }
+    if not args.skip_logdet:
+        jobs["similar logdetmi, |Q|=50"] = lambda: smi_select("logdetmi", pool, query, b)
+    for name, fn in jobs.items():
+        _, cpu, wall, peak = timed(fn)
+        rows.append(f"| {n} | {name} | {cpu:.2f} | {wall:.2f} | {cpu / fcpu:.2f} | {peak:.0f} |")
+        print(rows[-1], flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[25_000, 50_000])
     ap.add_argument("--budget", type=int, default=500)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--labeled", type=int, default=1_000)
-    ap.add_argument("--loop-size", type=int, default=3_000)
-    ap.add_argument("--loop-budget", type=int, default=100)
+    ap.add_argument("--loop-size", type=int, default=20_000, help="candidates for the GALAXY loop")
+    ap.add_argument("--loop-budget", type=int, default=500)
+    ap.add_argument("--direct-loop-size", type=int, default=3_000, help="the DIRECT loop is O(N^2) per sub-batch")
+    ap.add_argument("--direct-loop-budget", type=int, default=100)
     ap.add_argument("--skip-logdet", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_imbalance_speed.txt"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    c, b = args.classes, args.budget
+    c = args.classes
     rows = ["| N | method | CPU s | wall s | x forward (CPU) | peak MiB |", "|---|---|---|---|---|---|"]
     for n in args.sizes:
-        fcpu, fwall = forward_seconds(n, c)
-        rows.append(f"| {n} | forward pass (LeNet) | {fcpu:.2f} | {fwall:.2f} | 1.00 | |")
-        probs, labeled, labels, truth, h, w, logits = problem(n, args.labeled, c, 84)
-
-        def ask(q):
-            return truth[q]
-
-        pc = probs[:n]
-        q_idx = np.flatnonzero(labeled & np.isin(np.where(labeled, truth, -1), [c - 1]))[:50]
-        query = Similarity(h[q_idx], gradient_factors(probs[q_idx], truth[q_idx]))
-        pool = Similarity(h[:n], gradient_factors(pc))
-        counts = np.bincount(truth[labeled], minlength=c)
-        jobs = {
-            "galaxy (round robin)": lambda: galaxy_select(probs, labeled, labels, b, ask, np.random.default_rng(0)),
-            "direct (B1=20, 60/class)": lambda: direct_select(probs, labeled, labels, b, ask, np.random.default_rng(0)),
-            "similar flqmi, |Q|=50": lambda: smi_select("flqmi", pool, query, b),
-            "similar gcmi, |Q|=50": lambda: smi_select("gcmi", pool, query, b),
-            "base": lambda: base_select(boundary_distances(logits[:n], w), b, np.random.default_rng(0)),
-            "bengar (LP, HiGHS)": lambda: bengar_select(pc, counts, b, 0.6),
-        }
-        if not args.skip_logdet:
-            jobs["similar logdetmi, |Q|=50"] = lambda: smi_select("logdetmi", pool, query, b)
-        for name, fn in jobs.items():
-            _, cpu, wall, peak = timed(fn)
-            rows.append(f"| {n} | {name} | {cpu:.2f} | {wall:.2f} | {cpu / fcpu:.2f} | {peak:.0f} |")
-            print(rows[-1], flush=True)
+        measure(n, args, rows)
     # loops at a size where they finish
     from tests.test_direct import _reference as direct_loop
     from tests.test_galaxy import _reference as galaxy_loop
 
-    n, lb = args.loop_size, args.loop_budget
-    probs, labeled, labels, truth, *_ = problem(n, 200, c, 8, seed=1)
-    rows.append("")
-    rows.append(f"Loops at N = {n} candidates + 200 labeled, budget {lb} (same picks asserted):")
-    rows.append("")
-    rows.append("| method | vectorised CPU s | loop CPU s | speed-up |")
-    rows.append("|---|---|---|---|")
-    for name, fast, slow in (
-        (
-            "galaxy",
-            lambda: galaxy_select(probs, labeled, labels, lb, lambda q: truth[q], np.random.default_rng(0)),
-            lambda: galaxy_loop(probs, labeled, labels, lb, truth, np.random.default_rng(0), "round_robin"),
-        ),
-        (
-            "direct (tie: left)",
-            lambda: direct_select(
-                probs, labeled, labels, lb, lambda q: truth[q], np.random.default_rng(0), 20, 60, "left"
-            ),
-            lambda: direct_loop(probs, labeled, labels, lb, truth, np.random.default_rng(0)),
-        ),
+    rows += ["", "Per-node loops (tests' references) at sizes where they finish; same picks asserted:", ""]
+    rows += ["| method | N + labeled | budget | vectorised CPU s | loop CPU s | speed-up |", "|---" * 6 + "|"]
+    for name, n, lb in (
+        ("galaxy", args.loop_size, args.loop_budget),
+        ("direct (tie: left)", args.direct_loop_size, args.direct_loop_budget),
     ):
+        probs, labeled, labels, truth, *_ = problem(n, 200, c, 8, seed=1)
+        if name == "galaxy":
+            fast = partial(galaxy_select, probs, labeled, labels, lb, truth.__getitem__, np.random.default_rng(0))
+            slow = partial(galaxy_loop, probs, labeled, labels, lb, truth, np.random.default_rng(0), "round_robin")
+        else:
+            rng = np.random.default_rng(0)
+            fast = partial(direct_select, probs, labeled, labels, lb, truth.__getitem__, rng, 20, 60, "left")
+            slow = partial(direct_loop, probs, labeled, labels, lb, truth, np.random.default_rng(0))
         a, fcpu_, _ = clock(fast)
         r, scpu, _ = clock(slow)
         assert np.array_equal(a, r), name
-        rows.append(f"| {name} | {fcpu_:.3f} | {scpu:.2f} | {scpu / fcpu_:.0f}x |")
+        rows.append(f"| {name} | {n} + 200 | {lb} | {fcpu_:.3f} | {scpu:.2f} | {scpu / fcpu_:.0f}x |")
         print(rows[-1], flush=True)
     write_results("\n".join(rows), args.out)
 
