@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..api import resolve_device, run_strategy
+from ..api import resolve_device
 from ..config import ExperimentConfig, StrategyConfig
 from ..data.arrays import dataset_labels
 from ..data.pool_state import PoolState
+from ..query.engine import RoundSeed, run_query
 from ..report.metrics import round_metrics
-from ..strategies.base import get_strategy
-from ..strategies.random import random_positions
+from ..strategies.wrappers import build_strategy
 from ..train import get_trainer
 from ..train.supervised import evaluate, prior_offset
 from .seeding import numpy_rng, torch_generator, torch_seed
@@ -72,7 +72,7 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
     device = resolve_device(cfg.device)
     data = prepare_run(cfg, run)
     store.put_run(run, data.pool_indices, data.validation_indices, data.class_counts, data.minority)
-    strategy = get_strategy(scfg.name)(**scfg.params)
+    strategy = build_strategy(scfg.name, scfg.params, [w.model_dump() for w in scfg.wrap])
     trainer = get_trainer(strategy.training)
     init_state = ensure_initial_model(cfg, exp_dir, data, scfg.init or cfg.init, device, progress)
     pool_labels = dataset_labels(data.pool)
@@ -103,26 +103,8 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
             if cfg.loop.initial == 0:
                 continue  # nothing to train on: the first round selects with the initial model
             selected = data.initial
-        elif len(state.labeled) == 0 and strategy.first_round_random:
-            rng = numpy_rng(seed, run, label, round_, "select")
-            selected = state.unlabeled[random_positions(len(state.unlabeled), cfg.loop.budget, rng)]
-            info["first_round"] = "random"
         else:
-            rng = numpy_rng(seed, run, label, round_, "select")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(torch_seed(seed, run, label, round_, "select-torch"))
-                selected = run_strategy(
-                    strategy,
-                    model,
-                    data.pool,
-                    state.labeled,
-                    cfg.loop.budget,
-                    rng,
-                    data.validation,
-                    batch_size=cfg.loop.query_batch_size,
-                    info=info,
-                    ensemble_models=members if len(members) > 1 else None,
-                )
+            selected, info = select_round(strategy, model, members, data, state, cfg, run, label, round_)
         select_seconds = time.perf_counter() - t0
         state.label(selected, round_)
 
@@ -189,5 +171,27 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
                 checkpoint_path(exp_dir, run, label, round_ - 1, j).unlink(missing_ok=True)
 
 
-def run_data_for(cfg: ExperimentConfig, run: int) -> RunData:
-    return prepare_run(cfg, run)
+def round_seed(seed: int, run: int, label: str, round_: int) -> RoundSeed:
+    """The randomness of one round's selection: the same in every process, on every resume."""
+    return RoundSeed(
+        numpy_rng(seed, run, label, round_, "select"), torch_seed(seed, run, label, round_, "select-torch")
+    )
+
+
+def select_round(strategy, model, members, data: RunData, state: PoolState, cfg, run: int, label: str, round_: int):
+    """One round's picks through the engine shared with ``activelab.select``; the pool's labels answer the
+    in-round oracle, only for the samples asked."""
+    pool_labels = dataset_labels(data.pool)
+    result = run_query(
+        strategy,
+        model,
+        data.pool,
+        state.labeled,
+        cfg.loop.budget,
+        round_seed(cfg.loop.seed, run, label, round_),
+        validation=data.validation,
+        batch_size=cfg.loop.query_batch_size,
+        ensemble_models=members if len(members) > 1 else None,
+        oracle=lambda idx: pool_labels[idx],
+    )
+    return result.indices, result.info

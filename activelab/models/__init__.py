@@ -2,7 +2,7 @@
 
 Every built-in model returns logits and declares ``default_taps`` (layers whose activations strategies
 read) and ``classifier_name`` (its final ``nn.Linear``; its input is the embedding). Dropout layers are
-``nn.Dropout`` modules, off in eval mode; :class:`activelab.inference.forward.eval_mode` with
+``nn.Dropout`` modules, off in eval mode; :class:`activelab.models.introspection.eval_mode` with
 ``dropout=True`` turns them on for MC sampling.
 """
 
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..errors import ActivelabError
-from ..inference.modules import classifier_name as _classifier_name
 from .digits import DigitsCNN
+from .introspection import classifier_name as _classifier_name
 from .lenet import LeNet
 from .resnet import BasicBlock, ResNet, resnet10, resnet18
 
