@@ -20,6 +20,7 @@ from pydantic import Field
 
 from ..errors import ActivelabError
 from .base import Strategy, StrategyParams, register
+from .wrappers import balanced_quotas
 
 
 def boundary_distances(logits: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -104,9 +105,9 @@ def bengar_select(
 def minority_first_select(
     labels: np.ndarray, labeled_counts: np.ndarray, budget: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """Oracle ablation: each pick goes to the class with the fewest labels so far (labeled + picked) among the
-    classes with candidates left (ties at random), and within it to a random candidate. ``labels`` are the true
-    labels of the candidates."""
+    """Oracle ablation: the per-class quotas of :func:`~activelab.strategies.wrappers.balanced_quotas` (each label
+    to the class with the fewest labels so far, among the classes with candidates left) computed on the true
+    ``labels`` of the candidates, and a uniform random draw within each class."""
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)
     if not 0 <= budget <= n:
@@ -114,19 +115,9 @@ def minority_first_select(
     c = max(len(labeled_counts), int(labels.max()) + 1 if n else 0)
     counts = np.zeros(c, dtype=np.int64)
     counts[: len(labeled_counts)] = labeled_counts
-    members = [rng.permutation(np.flatnonzero(labels == k)) for k in range(c)]
-    ptr = np.zeros(c, dtype=np.int64)
-    left = np.array([len(m) for m in members])
-    picks = []
-    for _ in range(budget):
-        open_ = np.flatnonzero(left > 0)
-        low = open_[counts[open_] == counts[open_].min()]
-        k = int(low[rng.integers(len(low))]) if len(low) > 1 else int(low[0])
-        picks.append(int(members[k][ptr[k]]))
-        ptr[k] += 1
-        left[k] -= 1
-        counts[k] += 1
-    return np.asarray(picks, dtype=np.int64)
+    quotas = balanced_quotas(counts, np.bincount(labels, minlength=c), budget)
+    picks = [rng.choice(np.flatnonzero(labels == k), q, replace=False) for k, q in enumerate(quotas) if q]
+    return np.concatenate(picks).astype(np.int64) if picks else np.zeros(0, np.int64)
 
 
 @register
