@@ -57,7 +57,15 @@ class ValidationConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["digits_cnn", "lenet", "resnet10", "resnet18"]
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        builtin = ("digits_cnn", "lenet", "resnet10", "resnet18")
+        if v not in builtin and ":" not in v:
+            raise ValueError(f"unknown model {v!r}; use one of {', '.join(builtin)} or 'package.module:factory'")
+        return v
+
+    name: str = Field(description="digits_cnn, lenet, resnet10, resnet18, or 'package.module:factory'")
     stem: Literal["cifar", "imagenet"] = "cifar"
     dropout: bool = Field(True, description="build the MC-dropout layers (off in eval unless MC sampling)")
 

@@ -12,24 +12,22 @@ from ..api import resolve_device
 from ..config import ExperimentConfig, StrategyConfig
 from ..data.arrays import dataset_labels
 from ..data.pool_state import PoolState
+from ..metrics import round_metrics
 from ..query.engine import RoundSeed, run_query
-from ..report.metrics import round_metrics
 from ..strategies.wrappers import build_strategy
 from ..train import get_trainer
 from ..train.supervised import evaluate, prior_offset
+from .layout import Layout, safe_name
 from .seeding import numpy_rng, torch_generator, torch_seed
 from .setup import RunData, atomic_save, ensure_initial_model, new_model, prepare_run
 from .store import RoundRecord, Store
 
-
-def safe_name(label: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in label)
+__all__ = ["checkpoint_path", "run_job", "safe_name"]
 
 
 def checkpoint_path(exp_dir: Path, run: int, label: str, round_: int, member: int = 0) -> Path:
-    """The saved model of a round; ensemble members beyond the first get their own files."""
-    suffix = f"_member{member}" if member else ""
-    return exp_dir / "models" / f"run{run}" / safe_name(label) / f"round{round_}{suffix}.pt"
+    """The saved model of a round (see :class:`~activelab.experiment.layout.Layout`)."""
+    return Layout(exp_dir).checkpoint(run, label, round_, member)
 
 
 def _member_model(cfg, data, trainer, init_state, seed, run, label, j, device):
@@ -51,7 +49,7 @@ def _member_model(cfg, data, trainer, init_state, seed, run, label, j, device):
 def run_job(exp_dir: str | Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, progress: bool = False) -> None:
     """Run (or resume) every remaining round of ``scfg`` in ``run``; each round is committed atomically."""
     exp_dir = Path(exp_dir)
-    store = Store(exp_dir / "results.sqlite")
+    store = Store(Layout(exp_dir).store)
     label = scfg.label
     try:
         store.set_job(run, label, "running")
@@ -93,7 +91,9 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
         selections = {r.round: r.selected for r in store.rounds(run, label)}
         state = PoolState.from_selections(len(data.pool), selections)
         for j, member in enumerate(members):
-            member.load_state_dict(torch.load(checkpoint_path(exp_dir, run, label, done, j), map_location=device))
+            member.load_state_dict(
+                torch.load(checkpoint_path(exp_dir, run, label, done, j), map_location=device, weights_only=True)
+            )
         start = done + 1
 
     for round_ in range(start, cfg.loop.rounds + 1):
@@ -138,8 +138,9 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
             model, data.test, np.arange(len(data.test)), cfg.train.eval_batch_size, device, logit_offset=offset
         )
         eval_seconds = time.perf_counter() - t1
-        metrics = round_metrics(test_labels, predictions, data.num_classes, data.minority)
         labeled_counts = np.bincount(pool_labels[state.labeled], minlength=data.num_classes)
+        metrics = round_metrics(test_labels, predictions, data.num_classes, data.minority, labeled_counts)
+        selected_counts = np.bincount(pool_labels[np.asarray(selected, dtype=np.int64)], minlength=data.num_classes)
         for j, member in enumerate(members):
             atomic_save(
                 {k: v.detach().cpu() for k, v in member.state_dict().items()},
@@ -164,6 +165,11 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
                 selected=selected,
                 test_predictions=predictions,
                 info=info,
+                selected_per_class=selected_counts.tolist(),
+                macro_f1=metrics["macro_f1"],
+                worst_class_recall=metrics["worst_class_recall"],
+                classes_labeled=metrics["classes_labeled"],
+                minority_label_share=metrics["minority_label_share"],
             )
         )
         if cfg.loop.keep_checkpoints == "last" and round_ > 0:
