@@ -105,6 +105,11 @@ IDS = [name if not wrap else f"{wrap}({name})" for name, wrap in CASES]
 
 def _select_case(name, wrap, model, pool, labeled, budget, seed=0, **extra):
     params = {**get_strategy(name).example_params, **extra}
+    if get_strategy(name).uses_oracle:  # in-round oracle strategies get one, answering from the pool's labels
+        from activelab.data.arrays import dataset_labels
+
+        truth = dataset_labels(pool)
+        params["oracle"] = lambda idx: truth[idx]
     return activelab.select(
         name, model, pool, labeled=labeled, budget=budget, validation=make_pool(24, seed=1), seed=seed,
         wrap=wrap, **params,
