@@ -77,3 +77,41 @@ def test_similar_query_set_comes_from_the_rare_classes():
     )
     Similar(rare_classes=[1]).query(ctx2, 4, np.random.default_rng(0))
     assert ctx2.info["similar_rare_classes"] == [1] and ctx2.info["similar_query_size"] == 6 + 2
+
+
+def test_experiment_records_oracle_use_and_reports_imbalance_metrics(tmp_path):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from activelab.cli import main
+    from activelab.experiment.runner import load_experiment, run_experiment
+
+    cfg = {
+        "name": "imb",
+        "dataset": {"name": "digits", "clip_to": 3},
+        "validation": {"per_class": 3},
+        "model": {"name": "digits_cnn"},
+        "train": {"optimizer": "adam", "lr": 0.003, "batch_size": 32, "epochs": 1, "class_weights": "inverse_frequency"},
+        "loop": {"initial": 12, "budget": 6, "rounds": 1, "runs": 1, "seed": 1},
+        "threads": 1,
+        "strategies": [{"name": "direct", "params": {"b1": 2}}, {"name": "minority_first"}],
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert not run_experiment(path, tmp_path / "exp", progress=False).failed
+    _, store = load_experiment(tmp_path / "exp")
+    rec = store.rounds(strategy="direct[b1=2]")[-1]
+    # C = 3, budget 6: one version-space pick per class, then one pick around each class's threshold
+    assert rec.info["oracle_asked"] == 6 and rec.info["oracle_calls"] == 6
+    first = store.rounds(strategy="minority_first")[-1]
+    store.close()
+    assert first.classes_labeled == 3
+    out = CliRunner().invoke(main, ["report", str(tmp_path / "exp"), "--json"])
+    data = json.loads(out.output)["strategies"]["minority_first"]
+    for key in ("balanced_aubc", "macro_f1_mean", "worst_class_recall_mean", "classes_labeled_mean"):
+        assert data[key] is not None
+    assert data["minority_label_share_mean"][-1] == pytest.approx(first.minority_label_share)
+    text = CliRunner().invoke(main, ["report", str(tmp_path / "exp")]).output
+    assert "imbalance metrics" in text and "macro-F1" in text
