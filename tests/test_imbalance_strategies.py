@@ -93,7 +93,7 @@ def test_experiment_records_oracle_use_and_reports_imbalance_metrics(tmp_path):
         "dataset": {"name": "digits", "clip_to": 3},
         "validation": {"per_class": 3},
         "model": {"name": "digits_cnn"},
-        "train": {"optimizer": "adam", "lr": 0.003, "batch_size": 32, "epochs": 1, "class_weights": "inverse_frequency"},
+        "train": {"optimizer": "adam", "lr": 0.003, "epochs": 1, "class_weights": "inverse_frequency"},
         "loop": {"initial": 12, "budget": 6, "rounds": 1, "runs": 1, "seed": 1},
         "threads": 1,
         "strategies": [{"name": "direct", "params": {"b1": 2}}, {"name": "minority_first"}],
