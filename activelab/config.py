@@ -51,7 +51,15 @@ class ValidationConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["digits_cnn", "lenet", "resnet10", "resnet18"]
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        builtin = ("digits_cnn", "lenet", "resnet10", "resnet18")
+        if v not in builtin and ":" not in v:
+            raise ValueError(f"unknown model {v!r}; use one of {', '.join(builtin)} or 'package.module:factory'")
+        return v
+
+    name: str = Field(description="digits_cnn, lenet, resnet10, resnet18, or 'package.module:factory'")
     stem: Literal["cifar", "imagenet"] = "cifar"
     dropout: bool = Field(True, description="build the MC-dropout layers (off in eval unless MC sampling)")
 
@@ -109,20 +117,35 @@ class LoopConfig(_Section):
     )
 
 
+def _with_params(name: str, params: dict[str, Any]) -> str:
+    if not params:
+        return name
+    inner = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return f"{name}[{inner}]"
+
+
+class WrapperConfig(_Section):
+    name: Literal["subsample", "class_balanced", "stochastic"]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class StrategyConfig(_Section):
-    name: str
+    name: str = Field(description="a registered strategy, or 'package.module:Class' for one of your own")
     key: str | None = Field(None, description="the name shown in reports (default: name and parameters)")
     params: dict[str, Any] = Field(default_factory=dict)
+    wrap: list[WrapperConfig] = Field(
+        default_factory=list, description="wrappers applied in turn (the first wraps the strategy)"
+    )
     init: Literal["random", "rotation"] | None = Field(None, description="override the experiment's init")
 
     @property
     def label(self) -> str:
         if self.key:
             return self.key
-        if not self.params:
-            return self.name
-        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
-        return f"{self.name}[{inner}]"
+        label = _with_params(self.name, self.params)
+        for w in self.wrap:
+            label = f"{_with_params(w.name, w.params)}({label})"
+        return label
 
 
 class ExperimentConfig(_Section):
@@ -143,14 +166,14 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _check_strategies(self) -> ExperimentConfig:
-        from .strategies.base import get_strategy, parse_params
+        from .strategies.wrappers import build_strategy
 
         labels = [s.label for s in self.strategies]
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise ValueError(f"strategies {dupes} appear twice: give each variant a distinct key")
         for s in self.strategies:
-            parse_params(get_strategy(s.name), s.params)  # raises with the valid names
+            build_strategy(s.name, s.params, [w.model_dump() for w in s.wrap])  # raises with the valid names
         if self.train.select_by == "validation" and self.validation.per_class == 0:
             raise ValueError("train.select_by: validation needs validation.per_class > 0")
         return self
@@ -158,11 +181,15 @@ class ExperimentConfig(_Section):
     def fingerprint(self) -> str:
         """A hash of everything that changes results. The name, description and thread count do not; nor does
         the number of runs: every run is seeded by its own index, so run r is the same in a 3-run and a 5-run
-        experiment, and an experiment can be extended with more runs."""
+        experiment, and an experiment can be extended with more runs. Options added later leave the fingerprint
+        of configs that do not use them unchanged (an empty ``wrap`` is left out)."""
         data = self.model_dump(
             mode="json",
             exclude={"name": True, "description": True, "threads": True, "loop": {"keep_checkpoints", "runs"}},
         )
+        for s in data["strategies"]:
+            if not s["wrap"]:
+                del s["wrap"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

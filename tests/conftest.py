@@ -124,3 +124,17 @@ def tiny_validation() -> ArrayDataset:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def run_strategy(strategy, model, pool, labeled, budget, rng, validation=None, batch_size=512, info=None, **kw):
+    """One selection through the engine with an explicit generator (torch seeded with 0); the round's notes
+    are copied into ``info`` when given."""
+    from activelab.query.engine import RoundSeed, run_query
+
+    result = run_query(
+        strategy, model, pool, np.asarray(labeled, dtype=np.int64), budget, RoundSeed(rng, 0),
+        validation=validation, batch_size=batch_size, **kw,
+    )  # fmt: skip
+    if info is not None:
+        info.update(result.info)
+    return result.indices

@@ -22,6 +22,7 @@ from ..data.sources import load_split
 from ..data.splits import carve_validation, restrict_classes
 from ..errors import ActivelabError
 from ..models import build_model
+from .layout import Layout, temp_path
 from .seeding import numpy_rng, torch_generator, torch_seed
 
 
@@ -111,12 +112,12 @@ def new_model(cfg: ExperimentConfig, data: RunData) -> nn.Module:
 
 
 def initial_model_path(exp_dir: Path, run: int, init: str) -> Path:
-    return exp_dir / "models" / f"run{run}" / f"init_{init}.pt"
+    return Layout(exp_dir).initial_model(run, init)
 
 
 def atomic_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path, os.getpid())
     torch.save(obj, tmp)
     os.replace(tmp, path)
 

@@ -10,39 +10,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
-from .modules import classifier_name, named_module
+from ..models.introspection import classifier_name, eval_mode, model_device, named_module
 
 
 @dataclass
 class ForwardOutputs:
     logits: np.ndarray  # (N, C) float32
     embeddings: np.ndarray | None  # (N, d) float32: the classifier's input
-
-
-class eval_mode:
-    """Context manager: the model in eval mode (optionally with dropout left on), restored afterwards."""
-
-    def __init__(self, model: nn.Module, dropout: bool = False) -> None:
-        self.model, self.dropout = model, dropout
-
-    def __enter__(self) -> nn.Module:
-        self.was_training = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        if self.dropout:
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.dropout._DropoutNd):
-                    m.train()
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        for m, mode in self.was_training.items():
-            m.training = mode
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()

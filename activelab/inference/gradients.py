@@ -30,8 +30,7 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
-from .forward import eval_mode, model_device
-from .modules import classifier_name
+from ..models.introspection import classifier_name, eval_mode, model_device
 from .signals import SignalLayer, layer_signals, layer_squared_norms, plan_signal_layers, samples_independent
 
 GradNorm = Literal["per_tensor_sum", "global", "last_layer"]

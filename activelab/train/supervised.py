@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
-from ..inference.forward import eval_mode, model_device
+from ..models.introspection import eval_mode, model_device
 from .augment import augment_batch
 from .base import TrainResult
 from .schedules import build_optimizer, build_scheduler
