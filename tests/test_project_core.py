@@ -214,7 +214,7 @@ def test_user_model_factory_and_arrays_project(tmp_path):
     assert isinstance(p.build_model(), nn.Sequential)
     p.fit()
     assert len(p.query(3, "entropy")) == 3
-    with pytest.raises(ActivelabError, match="cannot load model factory"):
+    with pytest.raises(ActivelabError, match="cannot import .nowhere."):
         Project.init(tmp_path / "p2", arrays=tmp_path / "d.npz", model="nowhere:missing").fit()
 
 

@@ -35,7 +35,7 @@ def client(app, host="127.0.0.1:8765"):
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # starlette's note about httpx versions
+        warnings.simplefilter("ignore")  # starlette's note about httpx versions
         from starlette.testclient import TestClient
 
     return TestClient(app, base_url=f"http://{host}")

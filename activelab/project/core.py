@@ -755,13 +755,14 @@ def _has_labels(path: str) -> bool:
 
 
 def _check_model_name(model: str) -> None:
-    from ..models import available_models
+    from pydantic import ValidationError
 
-    if ":" not in model and model not in available_models():
-        raise ActivelabError(
-            f"unknown model {model!r}; use one of {', '.join(available_models())} or 'module:factory' "
-            "(a callable taking the number of classes)"
-        )
+    from ..config import ModelConfig
+
+    try:
+        ModelConfig(name=model)
+    except ValidationError as exc:
+        raise ActivelabError(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from None
 
 
 def _train_config(values: dict):

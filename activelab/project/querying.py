@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +12,7 @@ from ..errors import ActivelabError
 from ..inference.forward import forward_pass, softmax
 
 if TYPE_CHECKING:
+    from ..strategies.base import Strategy
     from .core import Project
 
 
@@ -21,7 +21,7 @@ class StrategyFallbackWarning(UserWarning):
 
 
 def _select(
-    strategy: str,
+    strategy: Strategy,
     model: torch.nn.Module,
     pool,
     labeled: np.ndarray,
@@ -29,47 +29,20 @@ def _select(
     validation,
     seed: int,
     device: str,
-    info: dict,
-    params: dict,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``activelab.select`` with the round's notes (``info``) and the strategy's scores where it offers them."""
-    import activelab
+) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """The picks, their scores (None for strategies without) and the round's notes.
 
-    from ..api import resolve_device, run_strategy
-    from ..strategies.base import get_strategy
+    The engine that ``activelab.select`` runs, called directly because ``select`` hands back indices and scores
+    but not the strategy's notes (``fallback`` and its reason, which the project must record and show).
+    """
+    from ..api import resolve_device
+    from ..query.engine import RoundSeed
+    from ..query.engine import run_query as engine_query
 
-    accepted = inspect.signature(activelab.select).parameters
-    kwargs: dict[str, Any] = {}
-    if "return_scores" in accepted:
-        kwargs["return_scores"] = True
-    if "info" in accepted:
-        kwargs["info"] = info
-        out = activelab.select(
-            strategy,
-            model,
-            pool,
-            labeled=labeled,
-            budget=budget,
-            validation=validation,
-            seed=seed,
-            device=device,
-            **kwargs,
-            **params,
-        )
-        if isinstance(out, tuple):
-            return np.asarray(out[0]), np.asarray(out[1], dtype=np.float64)
-        return np.asarray(out), None
-    # this version of select does not hand back the round's notes: the same steps, with them kept
-    instance = get_strategy(strategy)(**params)
     model.to(resolve_device(device))
-    rng = np.random.default_rng(seed)
-    torch_state = torch.random.get_rng_state()
-    torch.manual_seed(int(rng.integers(2**31)))
-    try:
-        picked = run_strategy(instance, model, pool, labeled, budget, rng, validation, info=info)
-    finally:
-        torch.random.set_rng_state(torch_state)
-    return picked, None
+    result = engine_query(strategy, model, pool, labeled, budget, RoundSeed.from_int(seed), validation=validation)
+    scores = None if result.scores is None else np.asarray(result.scores, dtype=np.float64)[result.indices]
+    return np.asarray(result.indices, dtype=np.int64), scores, dict(result.info)
 
 
 def _guesses(model: torch.nn.Module, pool, positions: np.ndarray) -> np.ndarray:
@@ -111,7 +84,7 @@ def run_query(
     **params: Any,
 ) -> int:
     """Query, record the round (one transaction) and return its number; see :meth:`Project.query`."""
-    from ..strategies.base import get_strategy
+    from ..strategies.wrappers import build_strategy
     from .core import PoolImages
 
     classes = project.classes
@@ -155,11 +128,11 @@ def run_query(
         )
     else:
         kind, used = "query", strategy
-        cls = get_strategy(strategy)
+        instance = build_strategy(strategy, params)
         if n > len(candidates):
             n = len(candidates)
         validation = None
-        if cls.needs_validation:
+        if instance.needs_validation:
             _, val = project.labeled_split()
             if not val:
                 raise ActivelabError(
@@ -175,9 +148,9 @@ def run_query(
             if strategy != "random":
                 info["fallback"] = "random"
                 info["fallback_reason"] = "no trained model yet: label this batch, then train"
-            used = "random"
-            params = {}
-        picked, scores = _select(used, model, pool, labeled, n, validation, seed, device, info, params)
+            used, params, instance = "random", {}, build_strategy("random")
+        picked, scores, notes = _select(instance, model, pool, labeled, n, validation, seed, device)
+        info.update(notes)
         if info.get("fallback") and used != "random":
             warnings.warn(
                 f"strategy {strategy!r} fell back to {info['fallback']} picks this round: "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from collections.abc import Callable
@@ -21,17 +20,8 @@ if TYPE_CHECKING:
 
 
 def build_project_model(name: str, num_classes: int, transform: ImageTransform) -> nn.Module:
-    """A built-in model (``activelab.models.build_model``) or the user's ``module:factory(num_classes)``."""
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ActivelabError(f"cannot load model factory {name!r}: {exc}") from exc
-        model = factory(num_classes)
-        if not isinstance(model, nn.Module):
-            raise ActivelabError(f"model factory {name!r} returned a {type(model).__name__}, not a torch nn.Module")
-        return model
+    """A built-in model or the user's ``module:factory`` (``activelab.models.build_model``), for the images of
+    ``transform``."""
     from ..config import ModelConfig
     from ..models import build_model
 
