@@ -119,6 +119,7 @@ class Project:
         self.transform = ImageTransform(**self.store.get_meta("transform", {}))
         self._pixels_lock = threading.Lock()
         self._fit_lock = threading.Lock()
+        self._pixels_map: np.ndarray | None = None
 
     # --- creation and indexing -----------------------------------------------------------------------------
     @classmethod
@@ -213,7 +214,10 @@ class Project:
         shape = (n, self.transform.channels, self.transform.size, self.transform.size)
         if n == 0:
             return np.zeros(shape, np.uint8)
-        return np.memmap(self.pixels_path, dtype=np.uint8, mode="r", shape=shape)
+        cached = self._pixels_map
+        if cached is None or cached.shape[0] != n:  # the cache only grows: re-map when it did
+            cached = self._pixels_map = np.memmap(self.pixels_path, dtype=np.uint8, mode="r", shape=shape)
+        return cached
 
     def index(self, workers: int | None = None) -> dict:
         """Read new or changed files of every source (each file read and decoded once) and their labels.
@@ -441,14 +445,13 @@ class Project:
 
     def labeled_split(self) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
         """``(train, validation)`` lists of ``(file id, cache row, class index)`` of the labeled files."""
-        rows = {r["id"]: r["row"] for r in self.store.files()}
         index = {c: i for i, c in enumerate(self.classes)}
         explicit = self.store.validation_ids()
         train, val = [], []
-        for fid, label in sorted(self.labels().items()):
-            if fid not in rows or label not in index:
-                continue
-            (val if self.is_validation(fid, explicit) else train).append((fid, rows[fid], index[label]))
+        for r in self.store.labeled_rows():
+            if r["label"] in index:
+                entry = (r["file_id"], int(r["row"]), index[r["label"]])
+                (val if self.is_validation(r["file_id"], explicit) else train).append(entry)
         return train, val
 
     # --- model ---------------------------------------------------------------------------------------------
@@ -511,15 +514,16 @@ class Project:
         round_ = round_ if round_ is not None else self.current_round()
         if round_ is None:
             return []
-        latest = self.store.latest_labels()
-        files = {r["id"]: r for r in self.store.query("SELECT id, path FROM files")}
+        picks = self.store.picks(round_)
+        latest = self.store.latest_labels([p["file_id"] for p in picks])
+        files = self.store.paths_of([p["file_id"] for p in picks])
         out = []
-        for pick in self.store.picks(round_):
+        for pick in picks:
             state = latest.get(pick["file_id"])
             out.append(
                 {
                     "id": pick["file_id"],
-                    "path": files[pick["file_id"]]["path"],
+                    "path": files[pick["file_id"]],
                     "rank": pick["rank"],
                     "score": pick["score"],
                     "guesses": pick["guesses"],
@@ -533,14 +537,13 @@ class Project:
     # --- reports -------------------------------------------------------------------------------------------
     def status(self) -> dict:
         """Files, labels per class, skipped/unsure counts, rounds, held-out size and the last accuracy."""
-        latest = self.store.latest_labels()
         per_class = {c: 0 for c in self.classes}
         other = {"skip": 0, "unsure": 0}
-        for r in latest.values():
-            if r["kind"] == "label" and r["label"] in per_class:
-                per_class[r["label"]] += 1
-            elif r["kind"] in other:
-                other[r["kind"]] += 1
+        for kind, label, n in self.store.state_counts():
+            if kind == "label" and label in per_class:
+                per_class[label] += n
+            elif kind in other:
+                other[kind] += n
         train, val = self.labeled_split()
         files = self.store.query("SELECT COUNT(*) AS n, SUM(row IS NULL) AS bad FROM files")[0]
         trainings = self.store.trainings()

@@ -181,9 +181,37 @@ class Store:
                 seqs.append(int(cur.lastrowid))
         return seqs
 
-    def latest_labels(self) -> dict[str, sqlite3.Row]:
-        """The current state of every file that has one: file id -> its latest labels row."""
-        return {r["file_id"]: r for r in self.query(_LATEST)}
+    def latest_labels(self, file_ids: Sequence[str] | None = None) -> dict[str, sqlite3.Row]:
+        """The current state of every file that has one (or of ``file_ids``): file id -> its latest labels row."""
+        if file_ids is None:
+            return {r["file_id"]: r for r in self.query(_LATEST)}
+        out = {}
+        for fid in file_ids:
+            rows = self.query("SELECT * FROM labels WHERE file_id = ? ORDER BY seq DESC LIMIT 1", (fid,))
+            if rows:
+                out[fid] = rows[0]
+        return out
+
+    def labeled_rows(self) -> list[sqlite3.Row]:
+        """``(file_id, row, label)`` of every decodable file whose latest state is a label, by file id."""
+        sql = (
+            f"SELECT l.file_id, f.row, l.label FROM ({_LATEST}) l JOIN files f ON f.id = l.file_id "
+            "WHERE l.kind = 'label' AND f.row IS NOT NULL ORDER BY l.file_id"
+        )
+        return self.query(sql)
+
+    def state_counts(self) -> list[tuple[str, str | None, int]]:
+        """``(kind, label, count)`` of the files' current states."""
+        sql = f"SELECT kind, label, COUNT(*) AS n FROM ({_LATEST}) GROUP BY kind, label"
+        return [(r["kind"], r["label"], int(r["n"])) for r in self.query(sql)]
+
+    def paths_of(self, file_ids: Sequence[str]) -> dict[str, str]:
+        out = {}
+        for fid in file_ids:
+            rows = self.query("SELECT path FROM files WHERE id = ?", (fid,))
+            if rows:
+                out[fid] = rows[0]["path"]
+        return out
 
     def history(self, file_id: str) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM labels WHERE file_id = ? ORDER BY seq", (file_id,))
