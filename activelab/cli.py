@@ -189,5 +189,7 @@ def pretrain(config, out, runs) -> None:
         click.echo(str(path))
 
 
+from . import cli_project  # noqa: E402,F401  (registers `project` and `serve`)
+
 if __name__ == "__main__":
     main()
