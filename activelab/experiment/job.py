@@ -19,23 +19,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..api import resolve_device, run_strategy
+from ..api import resolve_device
 from ..config import ExperimentConfig, StrategyConfig
 from ..data.arrays import dataset_labels
 from ..data.pool_state import PoolState
 from ..errors import StopRound
 from ..metrics import round_metrics
-from ..strategies.base import Strategy, get_strategy
-from ..strategies.random import random_positions
+from ..query.engine import RoundSeed, run_query
+from ..strategies.base import Strategy
+from ..strategies.wrappers import build_strategy
 from ..train import get_trainer
 from ..train.base import TrainResult
-from ..train.supervised import evaluate
+from ..train.supervised import evaluate, prior_offset
 from .layout import Layout, safe_name
 from .seeding import numpy_rng, torch_generator, torch_seed
 from .setup import RunData, atomic_save, ensure_initial_model, new_model, prepare_run
+from .stopset import stop_reason, stop_set_entry, stop_set_indices
 from .store import RoundRecord, Store
 
-__all__ = ["checkpoint_path", "run_job", "safe_name"]
+__all__ = ["checkpoint_path", "round_seed", "run_job", "safe_name", "select_round"]
 
 
 def checkpoint_path(exp_dir: Path, run: int, label: str, round_: int, member: int = 0) -> Path:
@@ -51,16 +53,21 @@ class _Job:
     cfg: ExperimentConfig
     run: int
     label: str
+    scfg: StrategyConfig
     store: Store
     device: torch.device
     data: RunData
     strategy: Strategy
+    first_round: Strategy | None
     trainer: object
     members: list[nn.Module]
     init_states: list[dict]
     pool_labels: np.ndarray
     test_labels: np.ndarray
     progress: bool
+    stop_idx: np.ndarray
+    infos: list[dict]  # the info of every round so far (stopping criteria read them)
+    labeled_history: list[int]
 
     @property
     def seed(self) -> int:
@@ -82,6 +89,8 @@ def run_job(exp_dir: str | Path, cfg: ExperimentConfig, run: int, scfg: Strategy
         job = _setup(layout, cfg, run, scfg, store, progress)
         start, state, recorded = _resume(job)
         for round_ in range(start, cfg.loop.rounds + 1):
+            if job.infos and "stopped_by" in job.infos[-1]:
+                break  # a stopping criterion ended this run
             _round(job, state, round_, recorded.get(round_))
         store.set_job(run, label, "done", **owner)
     except BaseException as exc:
@@ -101,7 +110,8 @@ def _setup(layout: Layout, cfg: ExperimentConfig, run: int, scfg: StrategyConfig
     device = resolve_device(cfg.device)
     data = prepare_run(cfg, run)
     store.put_run(run, data.pool_indices, data.validation_indices, data.class_counts, data.minority, data.data_root)
-    strategy = get_strategy(scfg.name)(**scfg.params)
+    strategy = build_strategy(scfg.name, scfg.params, [w.model_dump() for w in scfg.wrap])
+    first_round = build_strategy(scfg.first_round.name, scfg.first_round.params) if scfg.first_round else None
     trainer = get_trainer(strategy.training)
     init_state = ensure_initial_model(cfg, layout.root, data, scfg.init or cfg.init, device, progress)
     members = [
@@ -113,16 +123,21 @@ def _setup(layout: Layout, cfg: ExperimentConfig, run: int, scfg: StrategyConfig
         cfg=cfg,
         run=run,
         label=scfg.label,
+        scfg=scfg,
         store=store,
         device=device,
         data=data,
         strategy=strategy,
+        first_round=first_round,
         trainer=trainer,
         members=members,
         init_states=[{k: v.clone() for k, v in m.state_dict().items()} for m in members],
         pool_labels=dataset_labels(data.pool),
         test_labels=dataset_labels(data.test),
         progress=progress,
+        stop_idx=stop_set_indices(cfg, data),
+        infos=[],
+        labeled_history=[],
     )
 
 
@@ -167,9 +182,17 @@ def _resume(job: _Job) -> tuple[int, PoolState, dict[int, RoundRecord]]:
         if all(p.exists() for p in paths):
             for member, path in zip(job.members, paths, strict=True):
                 member.load_state_dict(_load_checkpoint(path, job.device))
+            _keep_history(job, records, k)
             selections = {r: rec.selected for r, rec in records.items() if r <= k}
             return k + 1, PoolState.from_selections(n, selections), {r: v for r, v in records.items() if r > k}
     return 0, PoolState(n), records
+
+
+def _keep_history(job: _Job, records: dict[int, RoundRecord], upto: int) -> None:
+    for r in sorted(records):
+        if r <= upto:
+            job.infos.append(records[r].info)
+            job.labeled_history.append(records[r].n_labeled)
 
 
 def _round(job: _Job, state: PoolState, round_: int, recorded: RoundRecord | None) -> None:
@@ -181,7 +204,8 @@ def _round(job: _Job, state: PoolState, round_: int, recorded: RoundRecord | Non
     select_seconds = time.perf_counter() - t0
     state.label(selected, round_)
     results = _train_members(job, state, round_)
-    predictions, eval_seconds = _evaluate(job)
+    predictions, eval_seconds = _evaluate(job, state)
+    _stop_notes(job, info, len(state.labeled))
     labeled_counts = np.bincount(job.pool_labels[state.labeled], minlength=job.data.num_classes)
     metrics = round_metrics(job.test_labels, predictions, job.data.num_classes, job.data.minority, labeled_counts)
     selected = np.asarray(selected, dtype=np.int64)
@@ -213,28 +237,51 @@ def _round(job: _Job, state: PoolState, round_: int, recorded: RoundRecord | Non
 
 
 def _select(job: _Job, state: PoolState, round_: int, info: dict) -> np.ndarray:
-    """The pool indices labeled in ``round_``: the initial set, a random first batch, or the strategy's pick."""
+    """The pool indices labeled in ``round_``: the initial set, or the (first-round) strategy's picks through
+    the engine shared with ``activelab.select``."""
     if round_ == 0:
         return job.data.initial
-    rng = numpy_rng(job.seed, job.run, job.label, round_, "select")
-    budget = job.cfg.loop.budget
-    if len(state.labeled) == 0 and job.strategy.first_round_random:
-        info["first_round"] = "random"
-        return state.unlabeled[random_positions(len(state.unlabeled), budget, rng)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(torch_seed(job.seed, job.run, job.label, round_, "select-torch"))
-        return run_strategy(
-            job.strategy,
-            job.members[0],
-            job.data.pool,
-            state.labeled,
-            budget,
-            rng,
-            job.data.validation,
-            batch_size=job.cfg.loop.query_batch_size,
-            info=info,
-            ensemble_models=job.members if len(job.members) > 1 else None,
+    if job.first_round is not None and round_ == 1:
+        budget = job.scfg.first_round.budget or job.cfg.loop.budget
+        members = [job.members[0]]
+        selected, notes = select_round(
+            job.first_round, job.members[0], members, job.data, state, job.cfg, job.run, job.label, round_, budget
         )
+        notes["first_round"] = job.scfg.first_round.label
+    else:
+        selected, notes = select_round(
+            job.strategy, job.members[0], job.members, job.data, state, job.cfg, job.run, job.label, round_
+        )
+    info.update(notes)
+    return selected
+
+
+def round_seed(seed: int, run: int, label: str, round_: int) -> RoundSeed:
+    """The randomness of one round's selection: the same in every process, on every resume."""
+    return RoundSeed(
+        numpy_rng(seed, run, label, round_, "select"), torch_seed(seed, run, label, round_, "select-torch")
+    )
+
+
+def select_round(
+    strategy, model, members, data: RunData, state: PoolState, cfg, run: int, label: str, round_: int, budget=None
+):
+    """One round's picks through the engine shared with ``activelab.select``; the pool's labels answer the
+    in-round oracle, only for the samples asked. ``budget``: default ``loop.budget``."""
+    pool_labels = dataset_labels(data.pool)
+    result = run_query(
+        strategy,
+        model,
+        data.pool,
+        state.labeled,
+        budget or cfg.loop.budget,
+        round_seed(cfg.loop.seed, run, label, round_),
+        validation=data.validation,
+        batch_size=cfg.loop.query_batch_size,
+        ensemble_models=members if len(members) > 1 else None,
+        oracle=lambda idx: pool_labels[idx],
+    )
+    return result.indices, result.info
 
 
 def _train_members(job: _Job, state: PoolState, round_: int) -> list[TrainResult]:
@@ -286,11 +333,30 @@ def check_finite_training(model: nn.Module, result: TrainResult, where: str, lr:
     )
 
 
-def _evaluate(job: _Job) -> tuple[np.ndarray, float]:
+def _evaluate(job: _Job, state: PoolState) -> tuple[np.ndarray, float]:
     t1 = time.perf_counter()
     test = job.data.test
-    predictions = evaluate(job.members[0], test, np.arange(len(test)), job.cfg.train.eval_batch_size, job.device)
+    offset = None
+    if job.cfg.train.prior_correction:
+        offset = prior_offset(job.pool_labels[state.labeled], job.data.num_classes)
+    predictions = evaluate(
+        job.members[0], test, np.arange(len(test)), job.cfg.train.eval_batch_size, job.device, logit_offset=offset
+    )
     return predictions, time.perf_counter() - t1
+
+
+def _stop_notes(job: _Job, info: dict, n_labeled: int) -> None:
+    """The stop set's predictions and the stopping criteria's verdict, into the round's info."""
+    if len(job.stop_idx):
+        previous = next((i["stop_set"]["predictions"] for i in reversed(job.infos) if "stop_set" in i), None)
+        info["stop_set"] = stop_set_entry(
+            job.members[0], job.data, job.stop_idx, previous, job.cfg.loop.query_batch_size
+        )
+    job.infos.append(info)
+    job.labeled_history.append(n_labeled)
+    reason = stop_reason(job.cfg.loop.stop_when, job.infos, job.labeled_history)
+    if reason:
+        info["stopped_by"] = reason
 
 
 def _commit(job: _Job, rec: RoundRecord, recorded: RoundRecord | None) -> None:
@@ -313,7 +379,3 @@ def _commit(job: _Job, rec: RoundRecord, recorded: RoundRecord | None) -> None:
     if job.cfg.loop.keep_checkpoints == "last" and rec.round > 0:
         for j in range(len(job.members)):
             job.layout.checkpoint(job.run, job.label, rec.round - 1, j).unlink(missing_ok=True)
-
-
-def run_data_for(cfg: ExperimentConfig, run: int) -> RunData:
-    return prepare_run(cfg, run)

@@ -10,11 +10,14 @@ from ..errors import ActivelabError, ConfigError
 
 
 def check_strategy(scfg: StrategyConfig, where: str = "strategies") -> None:
-    """The strategy exists (a built-in name or an importable ``module:attr``) and its parameters are valid."""
-    from ..strategies.base import get_strategy, parse_params
+    """The strategy exists (a built-in name or an importable ``module:attr``), its parameters and wrappers are
+    valid, and so is its first-round strategy."""
+    from ..strategies.wrappers import build_strategy
 
     try:
-        parse_params(get_strategy(scfg.name), scfg.params)
+        build_strategy(scfg.name, scfg.params, [w.model_dump() for w in scfg.wrap])
+        if scfg.first_round:
+            build_strategy(scfg.first_round.name, scfg.first_round.params)
     except ActivelabError as exc:
         raise ConfigError(f"{where} ({scfg.label}): {exc}") from None
 
@@ -29,7 +32,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     batch through a freshly built model; raises an :class:`ActivelabError` naming the problem."""
     from ..api import resolve_device
     from ..data.contract import check_model_and_data
-    from ..strategies.base import get_strategy
+    from ..strategies.wrappers import build_strategy
     from ..train import get_trainer
     from .setup import new_model, prepare_run
 
@@ -46,7 +49,7 @@ def preflight(cfg: ExperimentConfig) -> None:
             f"the training labels are outside 0..{data.num_classes - 1} (classes {sorted(data.class_counts)})"
         )
     for s in cfg.strategies:
-        trainer = get_trainer(get_strategy(s.name).training)
+        trainer = get_trainer(build_strategy(s.name, s.params, [w.model_dump() for w in s.wrap]).training)
         with torch.random.fork_rng(devices=[]):
             model = new_model(cfg, data)
             trainer.prepare(model)

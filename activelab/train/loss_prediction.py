@@ -28,9 +28,7 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
-from ..inference.descriptors import pool_activation
-from ..inference.forward import eval_mode, model_device
-from ..inference.modules import TapCapture, classifier_name, named_module
+from ..models.introspection import TapCapture, classifier_name, eval_mode, model_device, named_module, pool_activation
 from .supervised import StandardTrainer
 
 if TYPE_CHECKING:
