@@ -310,23 +310,46 @@ def _train_members(job: _Job, state: PoolState, round_: int) -> list[TrainResult
                 device=job.device,
                 progress=job.progress,
             )
-        check_finite_training(member, result, f"run {job.run}, {job.label}, round {round_}", cfg.train.lr)
+        check_finite_training(
+            member,
+            result,
+            f"run {job.run}, {job.label}, round {round_}",
+            cfg.train.lr,
+            probe=(job.data.pool, state.labeled[:32], job.device),
+        )
         results.append(result)
     return results
 
 
-def check_finite_training(model: nn.Module, result: TrainResult, where: str, lr: float) -> None:
-    """Raise :class:`StopRound` when training left a non-finite loss or non-finite weights (a diverged run must
-    never be recorded as a result)."""
+def check_finite_training(model: nn.Module, result: TrainResult, where: str, lr: float, probe=None) -> None:
+    """Raise :class:`StopRound` when training left a non-finite loss, non-finite weights, or (``probe`` =
+    (dataset, indices, device)) non-finite outputs on those samples: a diverged run is never recorded."""
     losses = [h.get("loss") for h in result.history if h.get("loss") is not None]
     bad_loss = next((v for v in losses if not np.isfinite(v)), None)
     bad_weight = next(
         (name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
         None,
     )
-    if bad_loss is None and bad_weight is None:
+    bad_output = False
+    if bad_loss is None and bad_weight is None and probe is not None and len(probe[1]):
+        from ..data.arrays import iter_batches
+
+        dataset, indices, device = probe
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            x, _ = next(iter_batches(dataset, np.asarray(indices), len(indices)))
+            out = model(x.to(device))
+        model.train(was_training)
+        bad_output = isinstance(out, torch.Tensor) and not torch.isfinite(out).all()
+    if bad_loss is None and bad_weight is None and not bad_output:
         return
-    what = f"the training loss became {bad_loss}" if bad_loss is not None else f"non-finite weights in {bad_weight}"
+    if bad_loss is not None:
+        what = f"the training loss became {bad_loss}"
+    elif bad_weight is not None:
+        what = f"non-finite weights in {bad_weight}"
+    else:
+        what = "the model's outputs on labeled samples are not finite"
     raise StopRound(
         f"{where}: training diverged ({what}). The likely cause is the learning rate (train.lr = {lr}): lower it, "
         "or add train.warmup_epochs; this round is not recorded"

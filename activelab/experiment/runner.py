@@ -150,7 +150,7 @@ def _merge(stored: ExperimentConfig, cfg: ExperimentConfig, exp_dir: Path) -> tu
     notes = []
     if not grows:
         kept = _diff(_dump(stored), _dump(cfg))
-        kept = [k for k in kept if k.split(":")[0] in NON_RESULT_KEYS]
+        kept = [k for k in kept if k.split(":")[0] in NON_RESULT_KEYS and k.split(":")[0] != "threads"]
         if kept:
             notes.append(
                 f"{exp_dir} keeps its stored config; these settings of the given config are not used: "
@@ -265,7 +265,9 @@ def repair(layout: Layout, store: Store, cfg: ExperimentConfig) -> None:
             store.set_job(job.run, job.strategy, "interrupted", error, job.pid, job.host)
 
 
-def _threads(cfg: ExperimentConfig, store: Store, workers: int, notes: list[str]) -> int:
+def _threads(cfg: ExperimentConfig, store: Store, notes: list[str]) -> int:
+    """The experiment's intra-op thread count: fixed when it is created (the config's ``threads``, else
+    :func:`default_threads`) and used by every later run, whatever ``--workers`` or the config say."""
     stored = store.get_meta("threads")
     if stored is None:
         threads = cfg.threads or default_threads()
@@ -328,9 +330,10 @@ def run_experiment(
     preflight(cfg)  # before anything is written: a mistake leaves no directory behind
     outcome = RunOutcome(layout.root)
     with experiment_lock(layout):
+        given = cfg
         cfg = prepare_directory(cfg, config_text, layout, outcome.warnings)
         with Store(layout.store) as store:
-            threads = _threads(cfg, store, workers, outcome.warnings)
+            threads = _threads(given, store, outcome.warnings)
             repair(layout, store, cfg)
             jobs = []
             for run in selected_runs:

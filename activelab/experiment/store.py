@@ -225,6 +225,10 @@ TABLES = (META, RUNS, JOBS, ROUNDS, LEASES)
 # --- the store ---------------------------------------------------------------------------------------------
 
 
+def can_write(path: Path) -> bool:
+    return os.access(path, os.W_OK)
+
+
 def _damaged(path: Path, what: str) -> StoreError:
     return StoreError(
         f"{path} {what}. It is not a results store activelab can read: restore it from a backup, or move the "
@@ -271,11 +275,11 @@ class Store:
             conn.execute("PRAGMA busy_timeout=60000")
             conn.execute("PRAGMA journal_mode=WAL")
             return conn
-        writable = os.access(self.path.parent, os.W_OK) and os.access(self.path, os.W_OK)
+        writable = can_write(self.path.parent) and can_write(self.path)
         wal = self.path.with_name(self.path.name + "-wal")
         # A read-only folder cannot hold the WAL index, so the file is opened as immutable there; an archived
         # copy has no writer, which is what immutable promises.
-        immutable = not writable and not (wal.exists() and os.access(wal, os.W_OK))
+        immutable = not writable and not (wal.exists() and can_write(wal))
         uri = self.path.resolve().as_uri() + ("?immutable=1" if immutable else "?mode=ro")
         conn = sqlite3.connect(uri, uri=True, timeout=60.0, isolation_level=None)
         conn.execute("PRAGMA busy_timeout=60000")
