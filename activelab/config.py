@@ -337,14 +337,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def parse_yaml(text: str, source: str = "<yaml>") -> object:
     """Parse YAML text with the unique-key safe loader; a syntax error becomes a ConfigError."""
-    loader = _UniqueKeyLoader(text)
-    loader._source = source
+    loader = None
     try:
+        loader = _UniqueKeyLoader(text)
+        loader._source = source
         return loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {source} is not valid YAML: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
