@@ -381,3 +381,74 @@ def test_model_and_dataset_contracts_are_named_on_the_first_batch():
 def test_the_dataset_folder_used_is_recorded(finished):
     with Store(finished / "results.sqlite", readonly=True) as s:
         assert s.run_record(0).data_root == "scikit-learn"
+
+
+# --- issue 13: the initial models are made once, by one process, whatever the executor --------------------------
+
+
+def test_leases_block_live_holders_and_take_over_dead_ones(tmp_path):
+    import socket
+    import threading
+    import time
+
+    from activelab.experiment import lease
+
+    host = socket.gethostname()
+    with Store(tmp_path / "results.sqlite", create=True) as s:
+        assert s.try_lease("a", "one", os.getpid(), host, lease.is_stale) is None
+        assert s.try_lease("a", "two", os.getpid(), host, lease.is_stale).owner == "one"  # alive: kept
+        assert s.try_lease("b", "one", 2**22 + 12345, host, lease.is_stale) is None
+        assert s.try_lease("b", "two", os.getpid(), host, lease.is_stale) is None  # dead pid: taken over
+        assert s.try_lease("c", "one", os.getpid(), "elsewhere", lease.is_stale) is None
+        s.conn.execute("UPDATE leases SET heartbeat = heartbeat - 1000 WHERE name = 'c'")
+        assert s.try_lease("c", "two", os.getpid(), host, lease.is_stale) is None  # silent other host: stale
+    made, done = [], threading.Event()
+
+    def worker() -> None:
+        with lease.holding_lease(tmp_path / "results.sqlite", "init", done=done.is_set) as mine:
+            if mine and not done.is_set():
+                time.sleep(0.3)
+                made.append(1)
+                done.set()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert made == [1]
+
+
+# --- issue 10: imports that run back up ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [
+        ("activelab.config", "activelab.strategies"),
+        ("activelab.experiment.job", "activelab.report"),
+        ("activelab.data.bias", "activelab.config"),
+        ("activelab.metrics", "activelab.experiment"),
+    ],
+)
+def test_lower_layers_do_not_import_upper_ones(module, forbidden):
+    """Direct imports (module level and inside functions) read from the source: the package's own __init__
+    imports the public API, so sys.modules cannot tell."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text())
+    package = module.rsplit(".", 1)[0]
+    imported = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = (
+                importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+                if node.level
+                else node.module
+            )
+            imported += [base] + [f"{base}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            imported += [a.name for a in node.names]
+    assert not [m for m in imported if m == forbidden or m.startswith(forbidden + ".")]
