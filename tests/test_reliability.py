@@ -452,3 +452,19 @@ def test_lower_layers_do_not_import_upper_ones(module, forbidden):
         elif isinstance(node, ast.Import):
             imported += [a.name for a in node.names]
     assert not [m for m in imported if m == forbidden or m.startswith(forbidden + ".")]
+
+
+# --- the permanent kill campaign ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_with_two_workers_and_four_strategies(tmp_path):
+    """The harness of benchmarks/bench_kill_resume.py with a handful of kills; the reference is sequential."""
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_kill_resume.py"
+    spec = importlib.util.spec_from_file_location("bench_kill_resume", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tally = bench.kill_and_resume(tmp_path, kills=3, workers=2, seed=1, log=lambda line: None)
+    assert tally["kills"] >= 1 and tally["identical"], tally
