@@ -33,6 +33,11 @@ def draw_figures(
     cfg, store = load_experiment(exp_dir)
     out_dir = Path(out) if out else Layout(exp_dir).figures
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        store.close()
+        raise ActivelabError(f"cannot write figures to {out_dir} ({exc}): pass --out with a writable folder") from None
+    try:
         summaries = summarize(cfg, store, target)
         for named in (strategies, versus, [highlight] if highlight else None):
             unknown = [s for s in named or [] if s not in summaries]
