@@ -25,9 +25,7 @@ FORBIDDEN = re.compile("|".join(["METHODS" + r"\.md", "DESIGN" + r"\.md", "IMBAL
 
 def tracked_files() -> list[Path]:
     try:
-        out = subprocess.run(
-            ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, text=True
-        ).stdout
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: the tracked files are unknown")
     return [ROOT / name for name in out.split("\0") if name]
