@@ -179,7 +179,8 @@ def summarize(cfg: ExperimentConfig, store: Store, target: float | None = None) 
 
 
 def report_json(cfg: ExperimentConfig, summaries: dict[str, StrategySummary], target: float | None = None) -> dict:
-    """The DESIGN.md report schema (per-round lists for the *_mean series)."""
+    """The report schema of ``activelab report --json`` (see the README): per-round lists for the *_mean series;
+    ``target_accuracy`` is the target the labels-to-target values were computed for."""
     strategies = {}
     for key, s in summaries.items():
         strategies[key] = {
