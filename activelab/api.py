@@ -1,8 +1,8 @@
-"""``activelab.select``: pick the samples worth labeling with one call."""
+"""``activelab.select``: pick the samples worth labeling with one call (a thin facade over the query engine)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .errors import ActivelabError
-from .inference.context import QueryContext
-from .strategies.base import Strategy, get_strategy
+from .query.engine import RoundSeed, run_query
+from .strategies.wrappers import WrapSpec, build_strategy
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -21,83 +21,62 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def unlabeled_indices(pool_size: int, labeled: Sequence[int] | np.ndarray | None) -> np.ndarray:
-    labeled = np.asarray([] if labeled is None else labeled, dtype=np.int64)
-    if labeled.size and (labeled.min() < 0 or labeled.max() >= pool_size):
-        raise ActivelabError(f"labeled indices must lie in [0, {pool_size}); got {labeled.min()}..{labeled.max()}")
-    mask = np.ones(pool_size, dtype=bool)
-    mask[labeled] = False
-    return np.flatnonzero(mask)
-
-
-def run_strategy(
-    strategy: Strategy,
-    model: nn.Module,
-    pool: Dataset,
-    labeled: np.ndarray,
-    budget: int,
-    rng: np.random.Generator,
-    validation: Dataset | None = None,
-    batch_size: int = 512,
-    taps: Sequence[str] | None = None,
-    classifier: str | None = None,
-    info: dict | None = None,
-    ensemble_models: Sequence[nn.Module] | None = None,
-) -> np.ndarray:
-    """Run ``strategy`` once and check its answer; the shared core of ``select`` and the experiment runner."""
-    candidates = unlabeled_indices(len(pool), labeled)
-    if not isinstance(budget, (int, np.integer)) or budget < 1:
-        raise ActivelabError(f"budget must be a positive integer; got {budget!r}")
-    if budget > len(candidates):
+def labeled_array(pool_size: int, labeled: Sequence[int] | np.ndarray | None) -> np.ndarray:
+    """``labeled`` as sorted unique int64 pool indices. Accepts indices or a boolean mask of the pool's length;
+    floats, out-of-range indices and duplicates are errors that say what was expected."""
+    if labeled is None:
+        return np.zeros(0, dtype=np.int64)
+    arr = np.asarray(labeled)
+    if arr.dtype == bool:
+        if arr.shape != (pool_size,):
+            raise ActivelabError(
+                f"labeled is a boolean mask of shape {arr.shape}, but the pool has {pool_size} samples: pass a "
+                "mask of the pool's length or a list of pool indices"
+            )
+        return np.flatnonzero(arr).astype(np.int64)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise ActivelabError(
-            f"budget {budget} is larger than the unlabeled pool ({len(candidates)} of {len(pool)} samples)"
+            f"labeled must be a 1-D list of integer pool indices or a boolean mask; got dtype {arr.dtype}, "
+            f"shape {arr.shape}"
         )
-    if strategy.needs_validation and validation is None:
-        raise ActivelabError(f"strategy {strategy.name!r} needs a validation set: pass validation=...")
-    ctx = QueryContext(
-        model,
-        pool,
-        candidates,
-        np.asarray(labeled, dtype=np.int64),
-        validation,
-        batch_size=batch_size,
-        taps=taps,
-        classifier=classifier,
-        allow_pool_labels=strategy.reads_pool_labels,
-        strategy_name=f"strategy {strategy.name!r}",
-        info=info,
-        ensemble_models=ensemble_models,
-    )
-    positions = np.asarray(strategy.query(ctx, int(budget), rng), dtype=np.int64)
-    if positions.shape != (budget,) or len(np.unique(positions)) != budget:
-        raise RuntimeError(f"strategy {strategy.name!r} returned {positions.shape} positions, not {budget} unique")
-    if positions.min() < 0 or positions.max() >= len(candidates):
-        raise RuntimeError(f"strategy {strategy.name!r} returned positions outside the candidates")
-    return candidates[positions]
+    if arr.min() < 0 or arr.max() >= pool_size:
+        raise ActivelabError(f"labeled indices must lie in [0, {pool_size}); got {arr.min()}..{arr.max()}")
+    unique = np.unique(arr)
+    if len(unique) != len(arr):
+        raise ActivelabError(f"labeled holds {len(arr) - len(unique)} duplicate indices; pass each index once")
+    return unique.astype(np.int64)
 
 
 def select(
     strategy: str,
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     pool: Dataset,
     *,
     labeled: Sequence[int] | np.ndarray | None = None,
     budget: int,
     validation: Dataset | None = None,
-    seed: int = 0,
+    seed: int | RoundSeed = 0,
     device: str | torch.device = "cpu",
     batch_size: int = 512,
     taps: Sequence[str] | None = None,
     classifier: str | None = None,
+    wrap: Sequence[WrapSpec] = (),
+    oracle: Callable[[np.ndarray], Sequence[int]] | None = None,
+    embeddings: np.ndarray | None = None,
+    return_scores: bool = False,
     **params,
-) -> np.ndarray:
+) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
     """Pick ``budget`` pool samples to label next.
 
     Args:
-        strategy: a name from :func:`activelab.available_strategies`.
-        model: any ``torch.nn.Module`` returning class logits. It is moved to ``device`` and left there.
+        strategy: a name from :func:`activelab.available_strategies`, or ``"package.module:Class"`` for a
+            strategy of your own.
+        model: any ``torch.nn.Module`` returning class logits (moved to ``device`` and left there), or a list
+            of separately trained models for ensemble strategies (``ensemble=`` their number).
         pool: a torch ``Dataset`` of ``(x, y)``; ``y`` is ignored (it may be -1) except by oracle ablations.
-        labeled: pool indices already labeled; they are never returned.
+        labeled: pool indices already labeled (or a boolean mask of the pool's length); never returned.
         budget: how many samples to pick.
         validation: a labeled dataset, required by strategies that need one (``fk``).
         seed: same inputs and seed give the same indices.
@@ -105,19 +84,40 @@ def select(
         batch_size: batch size of the model passes.
         taps: names of layers whose activations a strategy reads (built-in models have defaults).
         classifier: name of the final linear layer (default: the model's own, else the last ``nn.Linear``).
+        wrap: wrappers applied in turn, e.g. ``[("subsample", {"size": 5000}), "class_balanced"]``
+            (:func:`activelab.strategies.wrappers.available_wrappers`).
+        oracle: ``fn(pool_indices) -> labels`` for strategies that learn labels of their own picks during the
+            selection (galaxy, direct); every asked sample is among the returned ones.
+        embeddings: an (N, d) array over the whole pool for strategies that can use your embeddings.
+        return_scores: also return the strategy's scores as an array over the pool (NaN where not scored), or
+            None for strategies without per-sample scores.
         **params: the strategy's parameters; an unknown one is an error that lists the valid ones.
 
     Returns:
-        numpy int64 array of ``budget`` unique pool indices, none of them in ``labeled``.
+        numpy int64 array of ``budget`` unique pool indices, none of them in ``labeled``
+        (``(indices, scores)`` with ``return_scores=True``).
     """
-    cls = get_strategy(strategy)
-    instance = cls(**params)
-    model.to(resolve_device(device))
-    labeled_arr = np.asarray([] if labeled is None else labeled, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    torch_state = torch.random.get_rng_state()
-    torch.manual_seed(int(rng.integers(2**31)))  # strategies that draw from torch (dropout masks) are seeded
-    try:
-        return run_strategy(instance, model, pool, labeled_arr, budget, rng, validation, batch_size, taps, classifier)
-    finally:
-        torch.random.set_rng_state(torch_state)
+    instance = build_strategy(strategy, params, wrap)
+    models = list(model) if isinstance(model, Sequence) and not isinstance(model, nn.Module) else [model]
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise ActivelabError("model must be a torch.nn.Module (or a list of them for an ensemble)")
+    dev = resolve_device(device)
+    for m in models:
+        m.to(dev)
+    round_seed = seed if isinstance(seed, RoundSeed) else RoundSeed.from_int(seed)
+    result = run_query(
+        instance,
+        models[0],
+        pool,
+        labeled_array(len(pool), labeled),
+        budget,
+        round_seed,
+        validation=validation,
+        batch_size=batch_size,
+        taps=taps,
+        classifier=classifier,
+        ensemble_models=models if len(models) > 1 else None,
+        oracle=oracle,
+        embeddings=embeddings,
+    )
+    return (result.indices, result.scores) if return_scores else result.indices

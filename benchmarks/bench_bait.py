@@ -25,6 +25,7 @@ seconds.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,10 @@ import numpy as np
 import torch
 from _measure import clock, write_results
 
-from activelab.strategies.bait import _gram_sum, bait_core, bait_select_reference
+from activelab.strategies.bait import bait_core, gram_sum
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.bait_reference import bait_select_reference  # noqa: E402
 
 
 def problem(n: int, c: int, k: int, n_labeled: int, seed: int):
@@ -46,9 +50,9 @@ def problem(n: int, c: int, k: int, n_labeled: int, seed: int):
         return v
 
     v, lab = draw(n), draw(n_labeled)
-    lab_sum = _gram_sum(lab)
+    lab_sum = gram_sum(lab)
     i_l = lab_sum / max(1, n_labeled)
-    f_u = (_gram_sum(v) + lab_sum) / (n + n_labeled)
+    f_u = (gram_sum(v) + lab_sum) / (n + n_labeled)
     return v, f_u, (i_l if n_labeled else None)
 
 

@@ -16,7 +16,7 @@ files in /usr/share/datasets/fashion-mnist; random uint8 images if absent), the 
    ``loop`` = for each sample one forward pass and C ``torch.autograd.grad`` calls, timed on ``--loop-samples``
    samples and scaled to N; its embeddings are compared with the batched ones. The diagonal Fisher over
    ``fisher_samples`` = 1,024 samples is timed as well.
-2. The whole query of each strategy through ``activelab.api.run_strategy`` (inference + selection), budget b:
+2. The whole query of each strategy through ``activelab.query.engine.run_query`` (inference + selection), budget b:
    ``fishermask`` at that pct, ``fishermask`` at the paper's pct (0.003: on LeNet K < |W_last|, so the mask is
    the last layer alone), and ``bait``.
 
@@ -38,12 +38,13 @@ import numpy as np
 import torch
 from _measure import backward_to_outputs, clock, write_results
 
-from activelab.api import run_strategy
 from activelab.data.arrays import ArrayDataset
 from activelab.inference.fisher import diagonal_fisher, fisher_mask, masked_fisher_embeddings
 from activelab.inference.forward import forward_pass
 from activelab.models import LeNet
-from activelab.strategies.bait import Bait, FisherMaskStrategy
+from activelab.query.engine import RoundSeed, run_query
+from activelab.strategies.bait import Bait
+from activelab.strategies.fishermask import FisherMaskStrategy
 
 
 def load_pool(n: int, seed: int) -> tuple[ArrayDataset, str]:
@@ -171,9 +172,9 @@ def main() -> None:
             ("bait", Bait(subset=5000)),
         ]
         for name, strategy in runs:
-            info: dict = {}
-            rng = np.random.default_rng(args.seed)
-            _, t, _ = clock(lambda: run_strategy(strategy, model, pool, labeled, args.budget, rng, info=info))  # noqa: B023
+            seed = RoundSeed(np.random.default_rng(args.seed), 0)
+            result, t, _ = clock(lambda: run_query(strategy, model, pool, labeled, args.budget, seed))  # noqa: B023
+            info = {k: v for k, v in result.info.items() if k != "forward_passes"}
             note = ", ".join(f"{k.split('_', 1)[1]}={v}" for k, v in info.items() if "counts" not in k)
             lines.append(f"{name:<34}{t:>10.2f}{t / t_fwd:>11.1f}  {note}")
     text = "\n".join(lines)

@@ -8,15 +8,11 @@ import torch
 
 import activelab
 from activelab.errors import ActivelabError
-from activelab.strategies.bait import (
-    bait_core,
-    bait_select,
-    bait_select_reference,
-    candidate_subset,
-    pool_fisher,
-)
+from activelab.strategies.bait import Bait, bait_core, bait_select, pool_fisher
+from activelab.strategies.fishermask import FisherMaskStrategy
 
-from .conftest import TinyNet, make_pool
+from .bait_reference import bait_select_reference
+from .conftest import TinyNet, make_pool, run_strategy
 
 
 def _problem(seed: int, n: int = 40, c: int = 3, k: int = 9, n_labeled: int = 6):
@@ -106,16 +102,20 @@ def test_pool_fisher_weights_the_unlabeled_estimate_by_the_pool_size():
     np.testing.assert_allclose(f_u, np.eye(2) * 2.0)
 
 
-def test_candidate_subset_is_seeded_sorted_and_never_smaller_than_twice_the_budget():
-    a = candidate_subset(100, 10, 4, np.random.default_rng(0))
-    b = candidate_subset(100, 10, 4, np.random.default_rng(0))
+def test_the_bait_subset_is_seeded_and_never_smaller_than_twice_the_budget():
+    from activelab.strategies.base import candidate_subset
+
+    bait = Bait(subset=10)
+    assert bait.subsample_size(4) == 10 and bait.subsample_size(30) == 60  # room for 2b forward picks
+    assert Bait(subset=None).subsample_size(4) is None
+    a = candidate_subset(100, bait.subsample_size(4), 4, np.random.default_rng(0))
+    np.testing.assert_array_equal(a, candidate_subset(100, 10, 4, np.random.default_rng(0)))
     assert not np.array_equal(a, candidate_subset(100, 10, 4, np.random.default_rng(1)))
-    np.testing.assert_array_equal(a, b)
-    assert len(a) == 10 and np.all(np.diff(a) > 0)
-    assert len(candidate_subset(100, 10, 30, np.random.default_rng(0))) == 60  # room for 2b forward picks
-    np.testing.assert_array_equal(candidate_subset(100, 10, 60, np.random.default_rng(0)), np.arange(100))
+    assert np.all(np.diff(a) > 0) and len(a) == 10
+    np.testing.assert_array_equal(
+        candidate_subset(100, bait.subsample_size(60), 60, np.random.default_rng(0)), np.arange(100)
+    )
     np.testing.assert_array_equal(candidate_subset(8, 10, 4, np.random.default_rng(0)), np.arange(8))
-    np.testing.assert_array_equal(candidate_subset(8, None, 4, np.random.default_rng(0)), np.arange(8))
 
 
 def _trained_tiny() -> TinyNet:
@@ -133,9 +133,6 @@ def test_fishermask_with_a_last_layer_mask_picks_what_bait_picks():
     common = {"subset": None, "lam": 1.0, "prune": True}
     a = activelab.select("bait", _trained_tiny(), pool, labeled=labeled, budget=6, seed=1, **common)
     info: dict = {}
-    from activelab.api import run_strategy
-    from activelab.strategies.bait import FisherMaskStrategy
-
     strategy = FisherMaskStrategy(pct=0.001, fisher_samples=16, **common)
     b = run_strategy(strategy, _trained_tiny(), pool, labeled, 6, np.random.default_rng(1), info=info)
     assert info["fishermask_last_layer_only"] and info["fishermask_mask_size"] == 4 * 12
@@ -144,9 +141,6 @@ def test_fishermask_with_a_last_layer_mask_picks_what_bait_picks():
 
 def test_fishermask_mask_size_follows_pct():
     pool, labeled = make_pool(n=50), np.arange(0, 50, 5)
-    from activelab.api import run_strategy
-    from activelab.strategies.bait import FisherMaskStrategy
-
     info: dict = {}
     strategy = FisherMaskStrategy(pct=0.1, fisher_samples=16, subset=None)
     run_strategy(strategy, _trained_tiny(), pool, labeled, 6, np.random.default_rng(0), info=info)
@@ -159,21 +153,22 @@ def test_fishermask_mask_size_follows_pct():
 def test_a_query_that_cannot_fit_in_memory_is_refused_up_front(name, monkeypatch):
     """With less memory available than the embeddings and K x K matrices need, the query stops before the
     expensive work with the sizes in the message; with enough (or unknown) memory it runs."""
-    import activelab.strategies.bait as bait
+    import activelab.inference.fisher as fisher
+    import activelab.memory as memory
 
     pool, labeled = make_pool(n=50), np.arange(0, 50, 5)
     params = {"subset": None} if name == "bait" else {"subset": None, "pct": 0.05, "fisher_samples": 16}
     calls = []
     for fn in ("diagonal_fisher", "masked_fisher_embeddings", "last_layer_fisher_embeddings"):
-        real = getattr(bait, fn)
-        monkeypatch.setattr(bait, fn, lambda *a, real=real, fn=fn, **k: calls.append(fn) or real(*a, **k))
+        real = getattr(fisher, fn)
+        monkeypatch.setattr(fisher, fn, lambda *a, real=real, fn=fn, **k: calls.append(fn) or real(*a, **k))
     # 40 candidates x C=4 x K=48 float64 + 6 K^2 float64 = 61,440 + 110,592 bytes
-    assert bait.selection_memory_bytes(40, 4, 48, 8) == 40 * 4 * 48 * 8 + 6 * 48 * 48 * 8
-    monkeypatch.setattr(bait, "available_memory_bytes", lambda: 50_000)
+    assert memory.selection_memory_bytes(40, 4, 48, 8) == 40 * 4 * 48 * 8 + 6 * 48 * 48 * 8
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 50_000)
     with pytest.raises(ActivelabError, match=r"GiB.*available.*subset"):
         activelab.select(name, _trained_tiny(), pool, labeled=labeled, budget=6, seed=0, **params)
     assert not calls  # refused before the diagonal Fisher or any embedding was computed
     for have in (None, 2**30):
-        monkeypatch.setattr(bait, "available_memory_bytes", lambda have=have: have)
+        monkeypatch.setattr(memory, "available_memory_bytes", lambda have=have: have)
         picked = activelab.select(name, _trained_tiny(), pool, labeled=labeled, budget=6, seed=0, **params)
         assert len(picked) == 6

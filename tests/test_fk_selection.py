@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import activelab
-from activelab.api import run_strategy
 from activelab.errors import ActivelabError
 from activelab.inference.descriptors import compute_descriptors
 from activelab.strategies.base import get_strategy
@@ -24,7 +23,7 @@ from activelab.strategies.fisher_kernel import (
     topk_neighbours,
 )
 
-from .conftest import TinyNet, make_pool
+from .conftest import TinyNet, make_pool, run_strategy
 
 TAPS = ["conv1", "conv2", "fc1"]
 

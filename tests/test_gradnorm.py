@@ -237,17 +237,18 @@ def test_strategy_picks_the_highest_loop_scores(name):
 def test_subset_is_seeded_and_bounded():
     torch.manual_seed(0)
     model, pool = TinyNet(), make_pool(n=60)
-    a = activelab.select("gradnorm", model, pool, budget=4, subset=12, seed=3)
-    b = activelab.select("gradnorm", model, pool, budget=4, subset=12, seed=3)
+    labeled = [59]  # with no labels the first round is random (first_round_random), not scored
+    a = activelab.select("gradnorm", model, pool, labeled=labeled, budget=4, subset=12, seed=3)
+    b = activelab.select("gradnorm", model, pool, labeled=labeled, budget=4, subset=12, seed=3)
     np.testing.assert_array_equal(a, b)
     # with a subset of 4 and budget 4 the strategy returns exactly the seeded subset
-    c = activelab.select("gradnorm", model, pool, budget=4, subset=4, seed=5)
+    c = activelab.select("gradnorm", model, pool, labeled=labeled, budget=4, subset=4, seed=5)
     rng = np.random.default_rng(5)
     rng.integers(2**31)  # select() seeds torch from the generator first
-    expected = np.sort(rng.choice(60, size=4, replace=False))
+    expected = np.sort(rng.choice(59, size=4, replace=False))
     np.testing.assert_array_equal(np.sort(c), expected)
     with pytest.raises(ActivelabError, match="subset=3 is smaller than the budget 4"):
-        activelab.select("gradnorm", model, pool, budget=4, subset=3)
+        activelab.select("gradnorm", model, pool, labeled=labeled, budget=4, subset=3)
 
 
 def test_signal_scores_equal_the_loop_in_float64_on_resnet10():

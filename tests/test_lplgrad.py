@@ -15,8 +15,8 @@ import activelab
 from activelab.config import TrainConfig
 from activelab.data.arrays import ArrayDataset
 from activelab.errors import ActivelabError
-from activelab.inference.modules import classifier_name
 from activelab.models import LeNet, resnet10
+from activelab.models.introspection import classifier_name
 from activelab.train import get_trainer
 from activelab.train.loss_prediction import (
     LossPredictionModule,
@@ -236,7 +236,7 @@ def test_ll4al_picks_the_highest_predicted_losses():
 def test_ll4al_without_module_says_which_trainer():
     torch.manual_seed(0)
     with pytest.raises(ActivelabError, match="loss_prediction trainer"):
-        activelab.select("ll4al", TinyNet(), make_pool(n=20), budget=3)
+        activelab.select("ll4al", TinyNet(), make_pool(n=20), labeled=[0], budget=3)
 
 
 def test_strategies_declare_their_training():

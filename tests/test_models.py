@@ -12,8 +12,6 @@ from torch.nn import functional as F
 
 from activelab.config import ModelConfig
 from activelab.errors import ActivelabError
-from activelab.inference.forward import eval_mode
-from activelab.inference.modules import classifier_name, tap_names
 from activelab.models import (
     DigitsCNN,
     LeNet,
@@ -24,6 +22,7 @@ from activelab.models import (
     resnet10,
     resnet18,
 )
+from activelab.models.introspection import classifier_name, eval_mode, tap_names
 
 CASES = [
     # name, stem, in_channels, image_size

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from activelab.api import run_strategy
 from activelab.data.arrays import ArrayDataset
 from activelab.strategies.base import get_strategy
 from activelab.train.vaal import VAE, Discriminator, labeled_probability, train_vaal
 
-from .conftest import TinyNet
+from .conftest import TinyNet, run_strategy
 
 
 def toy_pool(n=120, size=12, seed=0):
@@ -73,9 +72,9 @@ def test_query_picks_what_the_labeled_set_lacks_and_is_seeded():
     assert set(info["vaal_final_losses"]) == {"vae", "discriminator"}
 
 
-def test_first_round_without_labels_falls_back_to_random():
+def test_first_round_without_labels_is_random():
     info: dict = {}
     strategy = get_strategy("vaal")(iterations=1)
     out = run_strategy(strategy, TinyNet(size=12), toy_pool(20), np.array([], np.int64), 4,
                        np.random.default_rng(0), info=info)  # fmt: skip
-    assert info["fallback"] == "random" and len(set(out.tolist())) == 4
+    assert info["first_round"] == "random" and len(set(out.tolist())) == 4

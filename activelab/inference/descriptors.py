@@ -31,8 +31,7 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
-from .forward import eval_mode, model_device
-from .modules import TapCapture
+from ..models.introspection import TapCapture, eval_mode, model_device, pool_activation
 
 
 @dataclass
@@ -67,13 +66,6 @@ class Descriptors:
     @property
     def predictions(self) -> np.ndarray:
         return self.logits.argmax(axis=1)
-
-
-def pool_activation(act: torch.Tensor) -> torch.Tensor:
-    """Global average over every dimension after the channel dimension: (B, C, ...) -> (B, C)."""
-    if act.ndim < 2:
-        raise ActivelabError(f"a tapped activation must have a batch and a channel dimension; got {act.shape}")
-    return act if act.ndim == 2 else act.flatten(2).mean(dim=2)
 
 
 def _resolve_labels(spec: LabelSpec, state: BatchState, device: torch.device) -> torch.Tensor:

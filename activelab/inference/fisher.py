@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
-from .forward import eval_mode, model_device
+from ..models.introspection import eval_mode, model_device
 from .signals import (
     VMAP_UNSAFE,
     layer_entries,

@@ -10,39 +10,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
-from .modules import classifier_name, named_module
+from ..models.introspection import classifier_name, eval_mode, model_device, named_module
+from .device import inference_autocast, to_device
 
 
 @dataclass
 class ForwardOutputs:
     logits: np.ndarray  # (N, C) float32
     embeddings: np.ndarray | None  # (N, d) float32: the classifier's input
-
-
-class eval_mode:
-    """Context manager: the model in eval mode (optionally with dropout left on), restored afterwards."""
-
-    def __init__(self, model: nn.Module, dropout: bool = False) -> None:
-        self.model, self.dropout = model, dropout
-
-    def __enter__(self) -> nn.Module:
-        self.was_training = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        if self.dropout:
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.dropout._DropoutNd):
-                    m.train()
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        for m, mode in self.was_training.items():
-            m.training = mode
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -56,7 +31,8 @@ def forward_pass(
 ) -> ForwardOutputs:
     """Logits (and optionally the classifier's input) for ``dataset[indices]``, in order.
 
-    Memory: the outputs, O(N·(C + d)); the device holds one batch at a time.
+    Memory: the outputs, O(N·(C + d)); the device holds one batch at a time. Inside
+    :func:`~activelab.inference.device.half_precision`, CUDA passes run in float16 autocast.
     """
     device = model_device(model)
     captured: list[torch.Tensor] = []
@@ -68,7 +44,9 @@ def forward_pass(
     try:
         with eval_mode(model):
             for x, _ in iter_batches(dataset, indices, batch_size):
-                logits.append(model(x.to(device)).float().cpu())
+                with inference_autocast(device):
+                    out = model(to_device(x, device))
+                logits.append(out.float().cpu())
     finally:
         if hook is not None:
             hook.remove()

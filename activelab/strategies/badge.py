@@ -183,6 +183,7 @@ class Badge(Strategy):
 
     name = "badge"
     first_round_random = False
+    outputs = ("probs", "embeddings")
 
     class Params(StrategyParams):
         first_center: FirstCenter = Field("max_norm", description="largest embedding norm (BADGE's code) or random")

@@ -1,17 +1,23 @@
 """The strategy contract and registry.
 
 A strategy is a class with a name, a pydantic ``Params`` model (unknown parameters are an error) and a
-``query`` method. ``query`` asks the :class:`~activelab.inference.context.QueryContext` for the model outputs it
+``query`` method. ``query`` asks the :class:`~activelab.query.context.QueryContext` for the model outputs it
 needs (the context computes each once, batched, on the chosen device) and hands the arrays to a pure function
-of arrays plus an explicit ``numpy.random.Generator``. It returns positions into ``ctx.candidates``.
+of arrays plus an explicit ``numpy.random.Generator``. It returns positions into ``ctx.candidates``. Strategy
+modules import neither :mod:`activelab.inference` nor :mod:`activelab.train`: the context is the only door.
 
 Class attributes the engine reads:
 - ``needs_validation``: ``select`` refuses to run without a validation set.
 - ``reads_pool_labels``: only oracle ablations may set it; the context refuses pool labels otherwise.
+- ``uses_oracle``: the strategy asks for labels of its own picks during the selection (``ctx.ask``).
+- ``outputs``: the forward outputs it reads (``"probs"``, ``"embeddings"``), so that one pass computes them all.
 - ``training``: which trainer the experiment runner must use for this strategy (``"standard"`` or another name
   registered in :mod:`activelab.train`).
 - ``first_round_random``: with no labels yet, draw the first batch at random (uncertainty baselines).
 - ``ensemble_size()``: the runner trains that many models per round and passes them as ``ctx.ensemble_models``.
+
+Strategies written outside activelab work everywhere a name does: ``"my_package.module:MyStrategy"`` names a
+:class:`Strategy` subclass (imported on use, so it also works in worker processes and Ray tasks).
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import ActivelabError
+from ..plugins import load_plugin
 
 if TYPE_CHECKING:
-    from ..inference.context import QueryContext
+    from ..query.context import QueryContext
 
 
 class StrategyParams(BaseModel):
@@ -40,6 +47,8 @@ class Strategy:
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     needs_validation: ClassVar[bool] = False
     reads_pool_labels: ClassVar[bool] = False
+    uses_oracle: ClassVar[bool] = False
+    outputs: ClassVar[tuple[str, ...]] = ("probs",)
     training: ClassVar[str] = "standard"
     first_round_random: ClassVar[bool] = False
     #: Cheap parameters for the contract test and examples (e.g. few MC samples).
@@ -48,9 +57,23 @@ class Strategy:
     def __init__(self, **params) -> None:
         self.params = parse_params(type(self), params)
 
+    @property
+    def label(self) -> str:
+        return self.name
+
     def query(self, ctx: QueryContext, budget: int, rng: np.random.Generator) -> np.ndarray:
         """Return ``budget`` distinct positions into ``ctx.candidates``."""
         raise NotImplementedError
+
+    def subsample_size(self, budget: int) -> int | None:
+        """Candidates this strategy selects among (a seeded random subset; None: all). Strategies with a
+        ``subset`` parameter get it through the same mechanism as the ``subsample`` wrapper."""
+        return getattr(self.params, "subset", None)
+
+    def run(self, ctx: QueryContext, budget: int, rng: np.random.Generator) -> np.ndarray:
+        """What the engine and the wrappers call: :meth:`query`, on a seeded candidate subset when
+        :meth:`subsample_size` asks for one."""
+        return query_subsample(self, ctx, self.subsample_size(budget), budget, rng)
 
     def ensemble_size(self) -> int:
         """How many separately trained models the experiment runner keeps for this strategy (1: just the
@@ -93,6 +116,12 @@ def available_strategies() -> list[str]:
 
 
 def get_strategy(name: str) -> type[Strategy]:
+    """The strategy class registered as ``name``, or a plugin named ``"package.module:Class"``."""
+    if ":" in name:
+        cls = load_plugin(name, "strategy")
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise ActivelabError(f"strategy {name!r} is not a subclass of activelab.strategies.Strategy")
+        return cls
     _load_all()
     try:
         return _REGISTRY[name]
@@ -119,6 +148,33 @@ def top_scores(scores: np.ndarray, budget: int, rng: np.random.Generator) -> np.
     tie_break = rng.permutation(len(scores))
     order = np.lexsort((tie_break, -scores))
     return order[:budget].astype(np.int64)
+
+
+class ScoreStrategy(Strategy):
+    """A strategy that scores every candidate and labels the top ``budget`` (ties broken by the seeded
+    generator). Its scores are recorded (``select(..., return_scores=True)``) and can be sampled from instead
+    of ranked (the ``stochastic`` wrapper)."""
+
+    def scores(self, ctx: QueryContext, rng: np.random.Generator) -> np.ndarray:
+        """(N,) scores of ``ctx.candidates``; higher is more informative."""
+        raise NotImplementedError
+
+    def query(self, ctx, budget, rng):
+        scores = self.scores(ctx, rng)
+        ctx.set_scores(scores)
+        return top_scores(scores, budget, rng)
+
+
+def query_subsample(
+    strategy: Strategy, ctx: QueryContext, size: int | None, budget: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``strategy.query`` on a seeded uniform subset of ``size`` candidates (all of them when ``size`` is None
+    or covers them; no random draw then), as positions into ``ctx.candidates``. The child context shares the
+    parent's caches."""
+    positions = candidate_subset(len(ctx.candidates), size, budget, rng)
+    if len(positions) == len(ctx.candidates):
+        return np.asarray(strategy.query(ctx, budget, rng), dtype=np.int64)
+    return positions[np.asarray(strategy.query(ctx.restrict(positions), budget, rng), dtype=np.int64)]
 
 
 def candidate_subset(n_candidates: int, size: int | None, budget: int, rng: np.random.Generator) -> np.ndarray:

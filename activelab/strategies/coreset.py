@@ -13,8 +13,7 @@ import torch
 from pydantic import Field
 
 from ..errors import ActivelabError
-from ..inference.forward import forward_pass
-from .base import Strategy, StrategyParams, candidate_subset, register
+from .base import Strategy, StrategyParams, register
 
 #: Rows x columns of one block of the candidate-to-labeled distance matrix.
 BLOCK_ELEMENTS = 2**20
@@ -99,7 +98,9 @@ def kcenter_greedy(
 
 
 class CoresetParams(StrategyParams):
-    subset: int | None = Field(None, ge=1, description="random unlabeled candidates considered (None: all)")
+    subset: int | None = Field(
+        None, ge=1, description="random unlabeled candidates considered (None: all); as the subsample wrapper"
+    )
 
 
 @register
@@ -116,17 +117,12 @@ class Coreset(Strategy):
 
     name = "coreset"
     Params = CoresetParams
+    outputs = ("embeddings",)
 
     def query(self, ctx, budget, rng):
-        positions = candidate_subset(len(ctx.candidates), self.params.subset, budget, rng)
-        if len(positions) == len(ctx.candidates):
-            emb = ctx.embeddings("candidates")
-        else:  # embed only the subset
-            emb = forward_pass(
-                ctx.model, ctx.pool, ctx.candidates[positions], ctx.batch_size, True, ctx.classifier
-            ).embeddings
+        emb = ctx.embeddings("candidates")
         labeled = ctx.embeddings("labeled") if len(ctx.labeled) else np.zeros((0, emb.shape[1]), np.float32)
-        return positions[kcenter_greedy(emb, labeled, budget, rng)]
+        return kcenter_greedy(emb, labeled, budget, rng)
 
 
 @register

@@ -3,7 +3,7 @@
 Pick the pool samples nearest, in a joint space of multi-scale features z and Fisher scores g, to the
 validation samples the current model gets wrong. The pure functions below (segment standardisation,
 similarity, k-center with a running maximum, chunked top-K, rank-wise fill) take arrays and an explicit
-generator; :class:`FisherKernel` wires them to the model through :mod:`activelab.inference.descriptors`.
+generator; :class:`FisherKernel` gets the descriptors from the query context.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 from pydantic import Field, model_validator
 
 from ..errors import ActivelabError
-from ..inference.descriptors import BatchState, Descriptors, compute_descriptors, perturbed_class_scores
 from .base import Strategy, StrategyParams, register
 from .random import random_positions
 
@@ -189,7 +188,7 @@ def nearest_label_fn(
     ``reference`` holds the reference similarity vectors ([ẑ] or [ẑ, ĝ])."""
     ref_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def label(state: BatchState) -> torch.Tensor:
+    def label(state) -> torch.Tensor:  # state: a batch's z (pooled taps) and g (Fisher scores)
         device = state.z.device
         if device not in ref_cache:
             ref_cache[device] = (
@@ -303,15 +302,13 @@ class FisherKernel(Strategy):
     # -- descriptors -------------------------------------------------------------------------------------
     def _perturbed_labels(self, ctx, subset, taps, rng) -> np.ndarray:
         p: FKParams = self.params
-        dataset, idx = ctx.dataset(subset)
-        gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
-        scores = perturbed_class_scores(
-            ctx.model, dataset, idx, taps, p.resolved_estimator, p.perturbations, gen,
-            p.rotation_degrees, p.noise_std, p.ridge, batch_size=min(ctx.batch_size, 64),
+        scores = ctx.perturbed_class_scores(
+            subset, taps, p.resolved_estimator, p.perturbations, int(rng.integers(2**63 - 1)),
+            p.rotation_degrees, p.noise_std, p.ridge,
         )  # fmt: skip
         return scores.argmax(axis=1)
 
-    def _validation(self, ctx, taps, est, rng) -> Descriptors:
+    def _validation(self, ctx, taps, est, rng):
         y = ctx.validation_labels()
         if est is None:
             labels = {}
@@ -321,18 +318,11 @@ class FisherKernel(Strategy):
             labels = {"argmax": "argmax", "est": y}
         elif est in ("p_hat", "oracle"):
             labels = {"est": y}
-        else:
-            labels = None  # perturbation estimators: computed below
+        else:  # perturbation estimators
+            labels = {"est": self._perturbed_labels(ctx, "validation", taps, rng)}
+        return ctx.descriptors("validation", taps, labels, key=(est, self._perturb_key(est)))
 
-        def compute():
-            dataset, idx = ctx.dataset("validation")
-            spec = labels if labels is not None else {"est": self._perturbed_labels(ctx, "validation", taps, rng)}
-            return compute_descriptors(ctx.model, dataset, idx, taps, spec, ctx.batch_size)
-
-        key = ("fk_descriptors", "validation", tuple(taps), est, self._perturb_key(est))
-        return ctx.cached(key, compute)
-
-    def _pool(self, ctx, taps, est, val: Descriptors, rng) -> Descriptors:
+    def _pool(self, ctx, taps, est, val, rng):
         p: FKParams = self.params
         y_val = ctx.validation_labels()
         if est is None:
@@ -351,15 +341,8 @@ class FisherKernel(Strategy):
         elif est == "oracle":
             labels = {"est": ctx.pool_labels("candidates")}
         else:
-            labels = None
-
-        def compute():
-            dataset, idx = ctx.dataset("candidates")
-            spec = labels if labels is not None else {"est": self._perturbed_labels(ctx, "candidates", taps, rng)}
-            return compute_descriptors(ctx.model, dataset, idx, taps, spec, ctx.batch_size)
-
-        key = ("fk_descriptors", "candidates", tuple(taps), est, self._perturb_key(est))
-        return ctx.cached(key, compute)
+            labels = {"est": self._perturbed_labels(ctx, "candidates", taps, rng)}
+        return ctx.descriptors("candidates", taps, labels, key=(est, self._perturb_key(est)))
 
     def _perturb_key(self, est) -> tuple:
         p: FKParams = self.params

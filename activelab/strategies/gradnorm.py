@@ -1,8 +1,8 @@
-"""Entropy-gradient-norm querying: AL-GradNorm (CE-only training) and LPLgrad (loss-prediction training).
+"""Entropy-gradient-norm querying: AL-GradNorm (CE-only training); :mod:`.lplgrad` is the same query after
+loss-prediction training.
 
-Both score a seeded random subset of the unlabeled pool by the norm of dH(x)/dtheta (H = predictive entropy,
-model in eval mode, no augmentation) and label the highest scores. They differ only in how the model was
-trained, which the strategy declares through ``training``.
+The score of a candidate is the norm of dH(x)/dtheta (H = predictive entropy, model in eval mode, no
+augmentation) on a seeded random subset of the unlabeled pool; the highest scores are labeled.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..inference.gradients import entropy_gradient_norms
-from .base import Strategy, StrategyParams, candidate_subset, register, top_scores
+from .base import ScoreStrategy, StrategyParams, register
 
 
 class GradNormParams(StrategyParams):
@@ -26,30 +25,19 @@ class GradNormParams(StrategyParams):
     chunk_size: int | None = Field(None, ge=1, description="samples per batched pass (None: from 256 MiB)")
 
 
-class _GradNormBase(Strategy):
+class GradNormBase(ScoreStrategy):
+    """The entropy-gradient-norm query shared by ``gradnorm`` and ``lplgrad`` (they differ in training only)."""
+
     Params = GradNormParams
     first_round_random = True  # with no labels, an untrained model's entropy gradients are not informative
     example_params = {"subset": 40, "chunk_size": 16}
 
-    def query(self, ctx, budget, rng):
-        p = self.params
-        positions = candidate_subset(len(ctx.candidates), p.subset, budget, rng)
-        scores = ctx.cached(
-            ("entropy_grad_norm", p.norm, p.subset, positions.tobytes()),
-            lambda: entropy_gradient_norms(
-                ctx.model,
-                ctx.pool,
-                ctx.candidates[positions],
-                norm=p.norm,
-                chunk_size=p.chunk_size,
-                classifier=ctx.classifier,
-            ),
-        )
-        return positions[top_scores(scores, budget, rng)]
+    def scores(self, ctx, rng):
+        return ctx.entropy_gradient_norms(self.params.norm, self.params.chunk_size)
 
 
 @register
-class GradNorm(_GradNormBase):
+class GradNorm(GradNormBase):
     """AL-GradNorm (Wang et al., "Boosting Active Learning via Improving Test Performance", AAAI 2022),
     entropy variant: label the candidates whose predictive entropy has the largest gradient norm with
     respect to the weights.
@@ -65,18 +53,3 @@ class GradNorm(_GradNormBase):
 
     name = "gradnorm"
     training = "standard"
-
-
-@register
-class LPLGrad(_GradNormBase):
-    """LPLgrad ("Loss Prediction Loss with Gradient Norm", 2024): the GradNorm query on a model trained
-    jointly with a loss-prediction module (CE + λ·ranking loss; see :mod:`activelab.train.loss_prediction`).
-
-    The loss-prediction module is a training signal only: the query never reads it, and its parameters are
-    not part of theta. Complexity as ``gradnorm``.
-    Deviations from the authors' code: batched scores (the same as per-sample ones); the module's learning
-    rate follows the backbone's schedule (the reference never stepped it).
-    """
-
-    name = "lplgrad"
-    training = "loss_prediction"

@@ -12,8 +12,8 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import ActivelabError
-from ..inference.mc import MCStatistics, entropy, mc_statistics
-from .base import Strategy, StrategyParams, register, top_scores
+from ..mcstats import MCStatistics, entropy
+from .base import ScoreStrategy, StrategyParams, register
 
 
 def variation_ratio(stats: MCStatistics) -> np.ndarray:
@@ -45,7 +45,7 @@ class MCParams(StrategyParams):
     ensemble: int = Field(1, ge=1, description="E: ensemble members (see the class docstring)")
 
 
-class _MCStrategy(Strategy):
+class _MCStrategy(ScoreStrategy):
     """Top-b of an MC-dropout score over T = E·K stochastic passes.
 
     Ensembles: the paper's E = 4 are four separately trained models whose votes are pooled. The experiment
@@ -71,25 +71,10 @@ class _MCStrategy(Strategy):
     def score(stats: MCStatistics) -> np.ndarray:
         raise NotImplementedError
 
-    def query(self, ctx, budget, rng):
+    def scores(self, ctx, rng):
         p: MCParams = self.params
-        members = getattr(ctx, "ensemble_models", None)
-        if members:
-            if len(members) != p.ensemble:
-                raise ActivelabError(
-                    f"{self.name}: ensemble={p.ensemble} but the runner gave {len(members)} ensemble models"
-                )
-            models = list(members)
-        else:
-            models = [ctx.model] * p.ensemble
         seed = int(rng.integers(2**31 - 1))
-
-        def compute():
-            dataset, idx = ctx.dataset("candidates")
-            return mc_statistics(models, dataset, idx, p.mc_samples, seed, ctx.batch_size)
-
-        stats = ctx.cached(("mc_statistics", p.mc_samples, p.ensemble), compute)
-        return top_scores(self.score(stats), budget, rng)
+        return self.score(ctx.mc_statistics(p.mc_samples, p.ensemble, seed))
 
 
 @register

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Strategy, register, top_scores
+from .base import ScoreStrategy, register
 
 
 def least_confidence_scores(probs: np.ndarray) -> np.ndarray:
@@ -27,7 +27,7 @@ def entropy_scores(probs: np.ndarray) -> np.ndarray:
     return -(probs * np.log(p)).sum(axis=1)
 
 
-class _ProbabilityStrategy(Strategy):
+class _ProbabilityStrategy(ScoreStrategy):
     """Top-``budget`` of a score of the candidates' softmax outputs.
 
     Complexity: one forward pass over the unlabeled pool, O(N·C) memory, O(N log N) ranking.
@@ -39,8 +39,8 @@ class _ProbabilityStrategy(Strategy):
     def score(probs: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def query(self, ctx, budget, rng):
-        return top_scores(self.score(ctx.probs("candidates")), budget, rng)
+    def scores(self, ctx, rng):
+        return self.score(ctx.probs("candidates"))
 
 
 @register

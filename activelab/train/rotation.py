@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ActivelabError
-from ..inference.modules import classifier_name, named_module
+from ..models.introspection import classifier_name, named_module
 from .schedules import build_optimizer, build_scheduler
 
 

@@ -1,4 +1,5 @@
-"""Reaching model internals by name: taps (layers whose activations a strategy reads) and the classifier."""
+"""Model introspection: reaching layers by name (taps, the classifier), eval mode with optional dropout, the
+model's device, and pooling of tapped activations. Used by training, inference and the query context alike."""
 
 from __future__ import annotations
 
@@ -89,3 +90,53 @@ class TapCapture:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class eval_mode:
+    """Context manager: the model in eval mode (optionally with dropout left on), restored afterwards."""
+
+    def __init__(self, model: nn.Module, dropout: bool = False) -> None:
+        self.model, self.dropout = model, dropout
+
+    def __enter__(self) -> nn.Module:
+        self.was_training = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        if self.dropout:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.dropout._DropoutNd):
+                    m.train()
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for m, mode in self.was_training.items():
+            m.training = mode
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def pool_activation(act: torch.Tensor) -> torch.Tensor:
+    """Global average over every dimension after the channel dimension: (B, C, ...) -> (B, C)."""
+    if act.ndim < 2:
+        raise ActivelabError(f"a tapped activation must have a batch and a channel dimension; got {act.shape}")
+    return act if act.ndim == 2 else act.flatten(2).mean(dim=2)
+
+
+#: Attribute listing a model's training-only heads (e.g. a loss-prediction module): their parameters are not
+#: part of the model's backbone theta for per-sample gradients.
+AUXILIARY_ATTR = "auxiliary_modules"
+
+
+def mark_auxiliary(model: nn.Module, name: str) -> None:
+    """Declare the submodule ``name`` a training-only head of ``model`` (see :func:`auxiliary_prefixes`)."""
+    names = tuple(getattr(model, AUXILIARY_ATTR, ()))
+    if name not in names:
+        object.__setattr__(model, AUXILIARY_ATTR, (*names, name))
+
+
+def auxiliary_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the heads declared with :func:`mark_auxiliary`."""
+    return tuple(f"{name}." for name in getattr(model, AUXILIARY_ATTR, ()))

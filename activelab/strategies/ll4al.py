@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..train.loss_prediction import loss_module, predicted_losses
-from .base import Strategy, StrategyParams, candidate_subset, register, top_scores
+from .base import ScoreStrategy, StrategyParams, register
 
 
 class LL4ALParams(StrategyParams):
@@ -13,7 +12,7 @@ class LL4ALParams(StrategyParams):
 
 
 @register
-class LL4AL(Strategy):
+class LL4AL(ScoreStrategy):
     """Learning Loss for Active Learning (Yoo & Kweon, CVPR 2019): top predicted loss l̂(x).
 
     Needs a model trained by the ``loss_prediction`` trainer (which attaches ``model.loss_module``); the
@@ -29,11 +28,5 @@ class LL4AL(Strategy):
     Params = LL4ALParams
     example_params = {"subset": 40}
 
-    def query(self, ctx, budget, rng):
-        loss_module(ctx.model)  # a clear error before any work if the model was not trained for this
-        positions = candidate_subset(len(ctx.candidates), self.params.subset, budget, rng)
-        scores = ctx.cached(
-            ("predicted_loss", positions.tobytes()),
-            lambda: predicted_losses(ctx.model, ctx.pool, ctx.candidates[positions], ctx.batch_size),
-        )
-        return positions[top_scores(scores, budget, rng)]
+    def scores(self, ctx, rng):
+        return ctx.predicted_losses()
