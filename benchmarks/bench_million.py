@@ -84,7 +84,8 @@ def child(args) -> dict:
     torch.manual_seed(0)
     pool, validation = make_pool(args.n)
     labeled = np.arange(args.labeled, dtype=np.int64)
-    model = make_model()
+    device = torch.device(args.device)
+    model = make_model().to(device)
     cls = get_strategy(args.child)
     trainer = get_trainer(cls.training)
     trainer.prepare(model)
@@ -92,7 +93,7 @@ def child(args) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(2):
         for s in range(0, len(labeled), 50):
-            xb, yb = pool.batch(labeled[s : s + 50])
+            xb, yb = (t.to(device) for t in pool.batch(labeled[s : s + 50]))
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(xb), yb).backward()
             opt.step()
@@ -115,6 +116,7 @@ def child(args) -> dict:
             budget=args.budget,
             validation=validation,
             seed=0,
+            device=device,
             batch_size=args.batch_size,
             **params,
         )
@@ -131,7 +133,7 @@ def child(args) -> dict:
 def run_child(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--budget", str(args.budget)]
     cmd += ["--labeled", str(args.labeled), "--batch-size", str(args.batch_size), "--params", args.params]
-    cmd += ["--threads", str(args.threads)]
+    cmd += ["--threads", str(args.threads), "--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     start, peak_kb, why = time.time(), 0, None
@@ -170,9 +172,10 @@ def table(rows: list[dict], args) -> str:
         f"{'x forward':>9}  note",
     ]
     for r in rows:
-        fwd = r.get("forward_cpu")
+        on_cpu = args.device == "cpu"
+        fwd = r.get("forward_cpu" if on_cpu else "forward_s")
         ok = r["status"] == "ok"
-        ratio = r["query_cpu"] / fwd if fwd and ok else None
+        ratio = r["query_cpu" if on_cpu else "query_s"] / fwd if fwd and ok else None
         status = r["status"] if r["status"] in ("ok", "refused") else "FAILED"
         note = r.get("message", "") if r["status"] == "refused" else ("" if status == "ok" else r["status"])
         params = r.get("params") or {}
@@ -197,6 +200,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]: model passes there (times: wall on CUDA)")
     parser.add_argument("--strategies", default=None, help="comma-separated (default: every registered one)")
     parser.add_argument("--params", default="{}", help='JSON {"strategy": {param: value}} overriding defaults')
     parser.add_argument("--limit-gb", type=float, default=4.0)
