@@ -84,15 +84,22 @@ def run(config, out, workers, runs, executor, ray_address, cpus_per_job, quiet) 
 def report(exp_dir, as_json, target) -> None:
     """Print the summary table of an experiment directory."""
     from .experiment.runner import load_experiment
+    from .report.stopping import stopping_summary, stopping_text
     from .report.summary import report_json, report_text, summarize
 
     cfg, store = load_experiment(exp_dir)
     summaries = summarize(cfg, store, target)
+    stopping = stopping_summary(cfg, store)
     store.close()
     if as_json:
-        click.echo(json.dumps(report_json(cfg, summaries), indent=2))
+        out = report_json(cfg, summaries)
+        if stopping:
+            out["stopping"] = stopping
+        click.echo(json.dumps(out, indent=2))
     else:
         click.echo(report_text(cfg, summaries))
+        if stopping:
+            click.echo("\n" + stopping_text(cfg, stopping))
 
 
 @main.command()
@@ -181,6 +188,8 @@ def pretrain(config, out, runs) -> None:
     for path in pretrain_initial_models(config, out, runs):
         click.echo(str(path))
 
+
+from . import cli_project  # noqa: E402,F401  (registers `project` and `serve`)
 
 if __name__ == "__main__":
     main()

@@ -53,3 +53,18 @@ def test_pool_state_rounds_and_roundtrip(tmp_path):
     assert t.labeled_round.tolist() == s.labeled_round.tolist()
     u = PoolState.from_selections(10, {1: np.array([7]), 0: np.array([1, 3])})
     assert u.labeled_round.tolist() == s.labeled_round.tolist()
+
+
+def test_imbalance_round_metrics_hand_worked():
+    from activelab.metrics import round_metrics as pure
+
+    y_true = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 0, 0, 1, 1, 0, 2, 0])
+    m = pure(y_true, y_pred, num_classes=4, minority=[1, 2], labeled_counts=[6, 3, 1, 0])
+    # F1 per present class: 0: p=3/5 r=3/4 -> 2/3; 1: p=1/2 r=1/2 -> 1/2; 2: p=1 r=1/2 -> 2/3
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    assert m["worst_class_recall"] == pytest.approx(0.5)
+    assert m["classes_labeled"] == 3
+    assert m["minority_label_share"] == pytest.approx(4 / 10)
+    bare = pure(y_true, y_pred, num_classes=3, minority=[])
+    assert bare["classes_labeled"] is None and bare["minority_label_share"] is None

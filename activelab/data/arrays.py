@@ -109,7 +109,11 @@ def iter_batches(dataset: Dataset, indices: np.ndarray, batch_size: int):
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
-    """Labels of every sample of ``dataset``, without loading images when the dataset exposes them."""
+    """Labels of every sample of ``dataset``, without loading images when the dataset (or, for a
+    ``torch.utils.data.Subset``, the dataset under it) exposes them; only a dataset that exposes no labels is
+    read sample by sample."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
     for attr in ("targets", "labels", "y"):
         if hasattr(dataset, attr):
             value = getattr(dataset, attr)

@@ -44,6 +44,7 @@ from torchvision.datasets import CIFAR10, MNIST, SVHN, FashionMNIST
 from torchvision.datasets.utils import download_and_extract_archive, download_url
 
 from ..errors import ActivelabError, DatasetNotFoundError
+from ..plugins import is_plugin, load_plugin
 from .arrays import ArrayDataset
 
 Split = Literal["train", "test"]
@@ -493,9 +494,29 @@ DATASETS: dict[str, Source] = {
 """Every dataset ``load_split`` knows, by name."""
 
 
+SOURCE_KINDS: dict[str, str] = {
+    "image_folder": "activelab.project.sources:UserFolderSource",
+    "image_csv": "activelab.project.sources:UserCsvSource",
+    "arrays": "activelab.project.sources:UserArraysSource",
+}
+"""Dataset kinds that read the user's own files (``dataset.root``): name -> ``module:Source class``, imported
+when first asked for."""
+
+
+def register_source(name: str, target: str) -> None:
+    """Add a dataset kind: ``target`` is ``"module:SourceClass"`` (a :class:`Source` subclass, built without
+    arguments); ``load_split(name, ...)`` then reads through it."""
+    SOURCE_KINDS[name] = target
+
+
 def get_source(name: str) -> Source:
+    if name not in DATASETS and name in SOURCE_KINDS:
+        import importlib
+
+        module, _, attr = SOURCE_KINDS[name].partition(":")
+        return getattr(importlib.import_module(module), attr)()
     if name not in DATASETS:
-        raise ActivelabError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise ActivelabError(f"unknown dataset {name!r}; known: {', '.join([*DATASETS, *SOURCE_KINDS])}")
     return DATASETS[name]
 
 
@@ -506,7 +527,20 @@ def load_split(name: str, split: Split, root: str | None = None, download: bool 
     ``imagenet`` (an ImageFolder with ``targets`` and ``classes``). Raises :class:`DatasetNotFoundError` when
     the files are missing and cannot be downloaded; the message says which files to put where.
     """
+    if is_plugin(name):
+        return _plugin_split(name, split, root)
     return get_source(name).load(split, root, download)
+
+
+def _plugin_split(name: str, split: Split, root: str | None) -> Dataset:
+    """A dataset source of the user's own: ``source(split, root)`` returning a torch Dataset of ``(x, y)``."""
+    source = load_plugin(name, "dataset")
+    if not callable(source):
+        raise ActivelabError(f"dataset {name!r} is not callable: name a function source(split, root) -> Dataset")
+    dataset = source(split, root)
+    if not isinstance(dataset, Dataset):
+        raise ActivelabError(f"dataset source {name!r} returned {type(dataset).__name__}, not a torch Dataset")
+    return dataset
 
 
 def dataset_status() -> list[dict]:

@@ -12,10 +12,8 @@ import yaml
 from ..config import ExperimentConfig, load_config
 from ..errors import ConfigError
 from .executors import Executor, Job, LocalExecutor, default_threads
+from .layout import CONFIG_NAME, STORE_NAME, Layout
 from .store import Store
-
-CONFIG_NAME = "config.yaml"
-STORE_NAME = "results.sqlite"
 
 
 @dataclass
@@ -64,7 +62,7 @@ def prepare_directory(cfg: ExperimentConfig, config_text: str, exp_dir: Path) ->
         return
     exp_dir.mkdir(parents=True, exist_ok=True)
     _write_config(exp_dir, config_text)
-    store = Store(exp_dir / STORE_NAME)
+    store = Store(Layout(exp_dir).store, create=True)
     store.set_meta("fingerprint", cfg.fingerprint())
     store.set_meta("experiment", cfg.name)
     store.close()
@@ -104,7 +102,7 @@ def run_experiment(
     cfg = load_config(exp_dir / CONFIG_NAME)
     threads = cfg.threads or default_threads(workers)
     executor = executor or LocalExecutor(workers)
-    store = Store(exp_dir / STORE_NAME)
+    store = Store(Layout(exp_dir).store)
     outcome = RunOutcome(exp_dir)
     per_job = rounds_per_job(cfg)
     jobs = []
@@ -142,7 +140,7 @@ def run_experiment(
 def _progress(store_path: Path, total: int, stop: threading.Event) -> None:
     from tqdm import tqdm
 
-    store = Store(store_path)
+    store = Store(store_path, readonly=True)
     start = store.count_rounds()
     with tqdm(total=total, desc="rounds", unit="round", dynamic_ncols=True) as bar:
         while True:
@@ -154,11 +152,14 @@ def _progress(store_path: Path, total: int, stop: threading.Event) -> None:
     store.close()
 
 
-def load_experiment(exp_dir: str | Path) -> tuple[ExperimentConfig, Store]:
-    exp_dir = Path(exp_dir)
-    if not (exp_dir / CONFIG_NAME).exists() or not (exp_dir / STORE_NAME).exists():
-        raise ConfigError(f"{exp_dir} is not an experiment directory (no {CONFIG_NAME} / {STORE_NAME})")
-    return load_config(exp_dir / CONFIG_NAME), Store(exp_dir / STORE_NAME)
+def load_experiment(exp_dir: str | Path, readonly: bool = True) -> tuple[ExperimentConfig, Store]:
+    """The config and the store of an experiment directory, for reading (the store opened read-only, so an
+    archived or read-only directory works)."""
+    layout = Layout(exp_dir)
+    if not layout.is_experiment():
+        raise ConfigError(f"{layout.root} is not an experiment directory (no {CONFIG_NAME} / {STORE_NAME})")
+    cfg = load_config(layout.config)
+    return cfg, Store(layout.store, readonly=readonly)
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

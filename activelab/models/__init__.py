@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..errors import ActivelabError
+from ..plugins import is_plugin, load_plugin
 from .digits import DigitsCNN
 from .introspection import classifier_name as _classifier_name
 from .lenet import LeNet
@@ -47,8 +48,9 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
     """A freshly initialised model (weights drawn from the global torch RNG: seed it first).
 
     Args:
-        cfg: ``name`` (digits_cnn, lenet, resnet10, resnet18), ``stem`` (cifar or imagenet; ResNets only) and
-            ``dropout`` (build the MC-dropout layers).
+        cfg: ``name`` (digits_cnn, lenet, resnet10, resnet18, or ``"package.module:factory"`` for a model of
+            your own: ``factory(num_classes[, in_channels, image_size])``), ``stem`` (cifar or imagenet; ResNets
+            only) and ``dropout`` (build the MC-dropout layers).
         num_classes: outputs of the classifier.
         in_channels: image channels (1 for MNIST, 3 for SVHN).
         image_size: image side in pixels (images are square).
@@ -59,6 +61,8 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
             f"got {num_classes}, {in_channels}, {image_size}"
         )
     name, dropout = cfg.name, cfg.dropout
+    if is_plugin(name):
+        return _plugin_model(name, num_classes, in_channels, image_size)
     if name == "lenet":
         return LeNet(num_classes, in_channels, image_size, dropout)
     if name == "digits_cnn":
@@ -70,6 +74,22 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
         factory = resnet10 if name == "resnet10" else resnet18
         return factory(num_classes, in_channels, stem, dropout)
     raise ActivelabError(f"unknown model {name!r}; available models: {', '.join(MODELS)}")
+
+
+def _plugin_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """A model of the user's own: ``factory(num_classes)``, also given ``in_channels`` and ``image_size`` when
+    its signature accepts them."""
+    import inspect
+
+    factory = load_plugin(name, "model")
+    if not callable(factory):
+        raise ActivelabError(f"model {name!r} is not callable: name a factory taking the number of classes")
+    accepted = inspect.signature(factory).parameters
+    extra = {k: v for k, v in (("in_channels", in_channels), ("image_size", image_size)) if k in accepted}
+    model = factory(num_classes, **extra)
+    if not isinstance(model, nn.Module):
+        raise ActivelabError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def replace_classifier(model: nn.Module, out_features: int) -> nn.Module:

@@ -118,7 +118,7 @@ def _tsne(exp_dir, cfg, store, keys, round_, run, space, samples, out_dir) -> li
                 )
             model = new_model(cfg, data)
             get_trainer(get_strategy(by_label[key].name).training).prepare(model)
-            model.load_state_dict(torch.load(path, map_location="cpu"))
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             feats = forward_pass(model, test, idx, 1024, embeddings=True).embeddings
         files += plot_tsne(
             feats,

@@ -1,52 +1,8 @@
-"""Per-round classification metrics and per-curve summaries (AUBC, labels to a target accuracy)."""
+"""Per-round classification metrics and per-curve summaries; they live in :mod:`activelab.metrics` (below both
+the experiment runner and the reports) and are re-exported here."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from ..metrics import aubc, labels_to_target, round_metrics
 
-import numpy as np
-from sklearn.metrics import balanced_accuracy_score, recall_score
-
-
-def round_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, minority: Sequence[int]) -> dict:
-    """Accuracy, balanced accuracy, per-class recall and the mean recall of the minority classes."""
-    labels = list(range(num_classes))
-    present = np.unique(y_true)
-    recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0.0)
-    recall = [float(r) if c in present else float("nan") for c, r in enumerate(recall)]
-    minority_recall = None
-    if len(minority):
-        values = [recall[c] for c in minority if not np.isnan(recall[c])]
-        minority_recall = float(np.mean(values)) if values else None
-    return {
-        "accuracy": float(np.mean(y_true == y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "per_class_recall": recall,
-        "minority_recall": minority_recall,
-    }
-
-
-def aubc(labels: Sequence[float], accuracy: Sequence[float]) -> float | None:
-    """Area under the budget curve: trapezoid of accuracy over labeled counts, divided by the label range
-    so that it lies in [0, 1]. None with fewer than two points."""
-    x, y = np.asarray(labels, float), np.asarray(accuracy, float)
-    if len(x) < 2 or x[-1] <= x[0] or np.any(np.isnan(y)):
-        return None
-    return float(np.trapezoid(y, x) / (x[-1] - x[0]))
-
-
-def labels_to_target(labels: Sequence[float], accuracy: Sequence[float], target: float) -> float | None:
-    """Labels needed to first reach ``target`` accuracy, linearly interpolated between rounds; None if never.
-
-    If the first point already reaches the target, its label count is returned.
-    """
-    x, y = np.asarray(labels, float), np.asarray(accuracy, float)
-    for i in range(len(x)):
-        if np.isnan(y[i]):
-            return None
-        if y[i] >= target:
-            if i == 0:
-                return float(x[0])
-            x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
-            return float(x0 + (target - y0) * (x1 - x0) / (y1 - y0))
-    return None
+__all__ = ["aubc", "labels_to_target", "round_metrics"]

@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import ActivelabError
+from ..plugins import load_plugin
 
 if TYPE_CHECKING:
     from ..query.context import QueryContext
@@ -112,24 +113,6 @@ def available_strategies() -> list[str]:
     underscore (strategies registered by tests or experiments of one's own) still work but are not listed."""
     _load_all()
     return sorted(name for name in _REGISTRY if not name.startswith("_"))
-
-
-def load_plugin(spec: str, what: str) -> object:
-    """The object named by ``"package.module:attribute"`` (a strategy, model factory or dataset source of the
-    user's own), imported on use; a clear error if it cannot be found."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ActivelabError(f"{what} {spec!r}: a plugin is named as 'package.module:attribute'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ActivelabError(f"{what} {spec!r}: cannot import {module_name!r} ({exc}); is it on PYTHONPATH?") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ActivelabError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
 
 
 def get_strategy(name: str) -> type[Strategy]:

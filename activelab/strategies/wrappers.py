@@ -68,9 +68,12 @@ class Wrapper(Strategy):
     def first_round_random(self) -> bool:  # type: ignore[override]
         return self.base.first_round_random
 
+    #: Forward outputs the wrapper itself reads (on top of its base's).
+    own_outputs: ClassVar[tuple[str, ...]] = ()
+
     @property
     def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return tuple(sorted(set(self.base.outputs) | set(type(self).outputs)))
+        return tuple(sorted(set(self.base.outputs) | set(self.own_outputs)))
 
     def ensemble_size(self) -> int:
         return self.base.ensemble_size()
@@ -91,7 +94,6 @@ class Subsample(Wrapper):
     """
 
     name = "subsample"
-    outputs: ClassVar[tuple[str, ...]] = ()
 
     class Params(StrategyParams):
         size: int = Field(ge=1, description="candidates drawn (seeded) before the base strategy runs")
@@ -140,7 +142,7 @@ class ClassBalanced(Wrapper):
     """
 
     name = "class_balanced"
-    outputs: ClassVar[tuple[str, ...]] = ("probs",)
+    own_outputs: ClassVar[tuple[str, ...]] = ("probs",)
     example_params: ClassVar[dict] = {}
 
     def query(self, ctx, budget, rng):
@@ -222,7 +224,6 @@ class Stochastic(Wrapper):
     """
 
     name = "stochastic"
-    outputs: ClassVar[tuple[str, ...]] = ()
 
     class Params(StrategyParams):
         mode: Literal["power", "softmax", "rank"] = "power"
