@@ -118,6 +118,8 @@ def child(args) -> dict:
             seed=0,
             device=device,
             batch_size=args.batch_size,
+            # in-round oracle for the strategies that ask for labels during the selection (galaxy, direct)
+            oracle=(lambda idx: pool.y[torch.as_tensor(idx)].numpy()) if getattr(cls, "uses_oracle", False) else None,
             **params,
         )
         row["status"] = "ok"
