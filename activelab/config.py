@@ -27,6 +27,9 @@ class DatasetConfig(_Section):
     root: str | None = Field(None, description="folder holding the files (default: search the usual places)")
     download: bool = Field(True, description="download when the files are nowhere on disk")
     classes: list[int] | None = Field(None, description="keep only these classes (relabelled 0..k-1)")
+    clip_to: int | None = Field(
+        None, ge=2, description="keep classes 0..K-2 and merge all others into class K-1 (GALAXY's protocol)"
+    )
 
 
 class BiasConfig(_Section):
@@ -37,6 +40,9 @@ class BiasConfig(_Section):
     minority: list[int] | None = Field(None, description="step: the minority classes (default: upper half)")
     counts: dict[int, int] | None = Field(None, description="counts: images per class")
     pool_size: int | None = Field(None, ge=1, description="none: subsample the pool to this many images")
+    label_noise: float = Field(
+        0.0, ge=0, lt=1, description="symmetric noise: this fraction of pool labels flipped to a random other class"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> BiasConfig:
@@ -57,7 +63,9 @@ class ModelConfig(_Section):
     def _known(cls, v: str) -> str:
         builtin = ("digits_cnn", "lenet", "resnet10", "resnet18")
         if v not in builtin and ":" not in v:
-            raise ValueError(f"unknown model {v!r}; use one of {', '.join(builtin)} or 'package.module:factory'")
+            raise ValueError(
+                f"unknown model {v!r}; use one of {', '.join(map(repr, builtin))} or 'package.module:factory'"
+            )
         return v
 
     name: str = Field(description="digits_cnn, lenet, resnet10, resnet18, or 'package.module:factory'")
@@ -84,6 +92,13 @@ class TrainConfig(_Section):
     loss_weight: float = Field(1.0, ge=0, description="lambda of the loss-prediction loss")
     loss_margin: float = Field(1.0, ge=0, description="xi of the ranking loss")
     detach_epoch: int | None = Field(None, ge=0, description="detach the tapped features after this epoch")
+    # training for imbalance (applied equally to every strategy; off by default)
+    class_weights: Literal["none", "inverse_frequency"] = Field(
+        "none", description="weight the cross-entropy by inverse labeled class counts"
+    )
+    prior_correction: bool = Field(
+        False, description="at test time, subtract the log of the labeled class frequencies from the logits"
+    )
 
     @field_validator("milestones")
     @classmethod
@@ -225,10 +240,21 @@ class ExperimentConfig(_Section):
                 del s["wrap"]
             if s.get("first_round") is None:
                 s.pop("first_round", None)
-        for key, default in (("stop_set", 0), ("stop_when", None)):
-            if data["loop"].get(key) == default:
-                data["loop"].pop(key, None)
+        for section, key, default in _OPTIONAL_FIELDS:  # options added later leave old fingerprints as they were
+            if data.get(section, {}).get(key, default) == default:
+                data.get(section, {}).pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: (section, field, default) of fields whose default must not change the fingerprint of older configs.
+_OPTIONAL_FIELDS = [
+    ("dataset", "clip_to", None),
+    ("bias", "label_noise", 0.0),
+    ("train", "class_weights", "none"),
+    ("train", "prior_correction", False),
+    ("loop", "stop_set", 0),
+    ("loop", "stop_when", None),
+]
 
 
 def _format_error(exc: ValidationError, source: str) -> str:

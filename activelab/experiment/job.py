@@ -16,7 +16,7 @@ from ..metrics import round_metrics
 from ..query.engine import RoundSeed, run_query
 from ..strategies.wrappers import build_strategy
 from ..train import get_trainer
-from ..train.supervised import evaluate
+from ..train.supervised import evaluate, prior_offset
 from .layout import Layout, safe_name
 from .seeding import numpy_rng, torch_generator, torch_seed
 from .setup import RunData, atomic_save, ensure_initial_model, new_model, prepare_run
@@ -144,7 +144,10 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
                 )
         result = results[0]
         t1 = time.perf_counter()
-        predictions = evaluate(model, data.test, np.arange(len(data.test)), cfg.train.eval_batch_size, device)
+        offset = prior_offset(pool_labels[state.labeled], data.num_classes) if cfg.train.prior_correction else None
+        predictions = evaluate(
+            model, data.test, np.arange(len(data.test)), cfg.train.eval_batch_size, device, logit_offset=offset
+        )
         eval_seconds = time.perf_counter() - t1
         labeled_counts = np.bincount(pool_labels[state.labeled], minlength=data.num_classes)
         metrics = round_metrics(test_labels, predictions, data.num_classes, data.minority, labeled_counts)
