@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from activelab.experiment.runner import load_experiment  # noqa: E402
+from activelab.metrics import labels_to_target  # noqa: E402
 from activelab.report.summary import report_json, summarize  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -49,7 +50,7 @@ def table(exp_dir: Path) -> tuple[str, dict]:
         f"{int(max(s.labels[-1] for s in summaries.values()))}.",
         "",
         f"| strategy | AUBC acc | AUBC bal. acc | worst-class recall | macro-F1 | minority label share | "
-        f"classes labeled | labels to {pct(target, 0)}% acc | select s / round |",
+        f"classes labeled | labels to {pct(target, 0)}% bal. acc | select s / round |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, s in summaries.items():
@@ -57,7 +58,10 @@ def table(exp_dir: Path) -> tuple[str, dict]:
         bal_std = 100 * (s.balanced_aubc_std or 0)
         bal = "—" if s.balanced_aubc is None else f"{100 * s.balanced_aubc:.1f} ± {bal_std:.1f}"
         sel = [v for v in s.select_seconds_mean if v is not None]
-        ltt = "never" if s.labels_to_target is None else f"{s.labels_to_target:.0f}"
+        bal_ltt = None
+        if target is not None and all(v is not None for v in s.balanced_accuracy_mean):
+            bal_ltt = labels_to_target(s.labels, s.balanced_accuracy_mean, target)
+        ltt = "never" if bal_ltt is None else f"{bal_ltt:.0f}"
         classes = last(s.classes_labeled_mean)
         lines.append(
             f"| {key} | {acc} | {bal} | {pct(last(s.worst_class_recall_mean))} | {pct(last(s.macro_f1_mean))} | "
