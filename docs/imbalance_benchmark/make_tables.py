@@ -87,11 +87,12 @@ def table(exp_dir: Path) -> tuple[str, dict]:
             f"{pct(best)}: it closes {pct(closed, 0)}% of the gap (goal: at least 50%).",
         ]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key, s in summaries.items():
+    for i, (key, s) in enumerate(summaries.items()):
         pts = [(n, b) for n, b in zip(s.labels, s.balanced_accuracy_mean, strict=True) if b is not None]
         if pts:
             style = "--" if key in (FLOOR, CEILING) else "-"
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, marker="o", ms=3, label=key)
+            xs, ys = [p[0] for p in pts], [100 * p[1] for p in pts]
+            ax.plot(xs, ys, style, marker="o", ms=3, label=key, color=plt.cm.tab20(i % 20))
     ax.set_xlabel("labeled samples")
     ax.set_ylabel("balanced accuracy on the test set (%)")
     ax.set_title(f"{cfg.name} (mean over runs)")
