@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .stopping import StopWhen
 
 
 class _Section(BaseModel):
@@ -62,7 +63,9 @@ class ModelConfig(_Section):
     def _known(cls, v: str) -> str:
         builtin = ("digits_cnn", "lenet", "resnet10", "resnet18")
         if v not in builtin and ":" not in v:
-            raise ValueError(f"unknown model {v!r}; use one of {', '.join(builtin)} or 'package.module:factory'")
+            raise ValueError(
+                f"unknown model {v!r}; use one of {', '.join(map(repr, builtin))} or 'package.module:factory'"
+            )
         return v
 
     name: str = Field(description="digits_cnn, lenet, resnet10, resnet18, or 'package.module:factory'")
@@ -128,6 +131,20 @@ class LoopConfig(_Section):
     keep_checkpoints: Literal["all", "last"] = Field(
         "all", description="keep every round's model (for confusion matrices / t-SNE) or only the last"
     )
+    stop_set: int = Field(
+        0,
+        ge=0,
+        description="size of a fixed seeded unlabeled sample of the pool on which each round's model is "
+        "evaluated for the stopping criteria (0: none)",
+    )
+    stop_when: StopWhen | None = Field(None, description="end a run at the first round where a criterion fires")
+
+    @model_validator(mode="after")
+    def _check_stop(self) -> LoopConfig:
+        rule = self.stop_when
+        if rule and (rule.stabilizing_kappa or rule.uncertainty_below is not None) and self.stop_set == 0:
+            raise ValueError("loop.stop_when on kappa or uncertainty needs loop.stop_set > 0 (e.g. 1000)")
+        return self
 
 
 def _with_params(name: str, params: dict[str, Any]) -> str:
@@ -142,6 +159,18 @@ class WrapperConfig(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class FirstRoundConfig(_Section):
+    """Another strategy for the first acquisition (round 1), e.g. a label-free cold start before margin."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    budget: int | None = Field(None, ge=1, description="labels of the first acquisition (default: loop.budget)")
+
+    @property
+    def label(self) -> str:
+        return _with_params(self.name, self.params) + (f"@{self.budget}" if self.budget else "")
+
+
 class StrategyConfig(_Section):
     name: str = Field(description="a registered strategy, or 'package.module:Class' for one of your own")
     key: str | None = Field(None, description="the name shown in reports (default: name and parameters)")
@@ -150,6 +179,7 @@ class StrategyConfig(_Section):
         default_factory=list, description="wrappers applied in turn (the first wraps the strategy)"
     )
     init: Literal["random", "rotation"] | None = Field(None, description="override the experiment's init")
+    first_round: FirstRoundConfig | None = Field(None, description="a different strategy for the first acquisition")
 
     @property
     def label(self) -> str:
@@ -158,6 +188,8 @@ class StrategyConfig(_Section):
         label = _with_params(self.name, self.params)
         for w in self.wrap:
             label = f"{_with_params(w.name, w.params)}({label})"
+        if self.first_round:
+            label = f"{self.first_round.label}>{label}"
         return label
 
 
@@ -187,6 +219,8 @@ class ExperimentConfig(_Section):
             raise ValueError(f"strategies {dupes} appear twice: give each variant a distinct key")
         for s in self.strategies:
             build_strategy(s.name, s.params, [w.model_dump() for w in s.wrap])  # raises with the valid names
+            if s.first_round:
+                build_strategy(s.first_round.name, s.first_round.params)
         if self.train.select_by == "validation" and self.validation.per_class == 0:
             raise ValueError("train.select_by: validation needs validation.per_class > 0")
         return self
@@ -195,7 +229,8 @@ class ExperimentConfig(_Section):
         """A hash of everything that changes results. The name, description and thread count do not; nor does
         the number of runs: every run is seeded by its own index, so run r is the same in a 3-run and a 5-run
         experiment, and an experiment can be extended with more runs. Options added later leave the fingerprint
-        of configs that do not use them unchanged (an empty ``wrap`` is left out)."""
+        of configs that do not use them unchanged (an empty ``wrap``, no ``first_round``, ``stop_set`` 0 and no
+        ``stop_when`` are left out). ``stop_when`` ends runs early, so it is part of the fingerprint when set."""
         data = self.model_dump(
             mode="json",
             exclude={"name": True, "description": True, "threads": True, "loop": {"keep_checkpoints", "runs"}},
@@ -203,6 +238,8 @@ class ExperimentConfig(_Section):
         for s in data["strategies"]:
             if not s["wrap"]:
                 del s["wrap"]
+            if s.get("first_round") is None:
+                s.pop("first_round", None)
         for section, key, default in _OPTIONAL_FIELDS:  # options added later leave old fingerprints as they were
             if data.get(section, {}).get(key, default) == default:
                 data.get(section, {}).pop(key, None)
@@ -215,6 +252,8 @@ _OPTIONAL_FIELDS = [
     ("bias", "label_noise", 0.0),
     ("train", "class_weights", "none"),
     ("train", "prior_correction", False),
+    ("loop", "stop_set", 0),
+    ("loop", "stop_when", None),
 ]
 
 

@@ -494,9 +494,29 @@ DATASETS: dict[str, Source] = {
 """Every dataset ``load_split`` knows, by name."""
 
 
+SOURCE_KINDS: dict[str, str] = {
+    "image_folder": "activelab.project.sources:UserFolderSource",
+    "image_csv": "activelab.project.sources:UserCsvSource",
+    "arrays": "activelab.project.sources:UserArraysSource",
+}
+"""Dataset kinds that read the user's own files (``dataset.root``): name -> ``module:Source class``, imported
+when first asked for."""
+
+
+def register_source(name: str, target: str) -> None:
+    """Add a dataset kind: ``target`` is ``"module:SourceClass"`` (a :class:`Source` subclass, built without
+    arguments); ``load_split(name, ...)`` then reads through it."""
+    SOURCE_KINDS[name] = target
+
+
 def get_source(name: str) -> Source:
+    if name not in DATASETS and name in SOURCE_KINDS:
+        import importlib
+
+        module, _, attr = SOURCE_KINDS[name].partition(":")
+        return getattr(importlib.import_module(module), attr)()
     if name not in DATASETS:
-        raise ActivelabError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise ActivelabError(f"unknown dataset {name!r}; known: {', '.join([*DATASETS, *SOURCE_KINDS])}")
     return DATASETS[name]
 
 

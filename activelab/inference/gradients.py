@@ -30,25 +30,29 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
-from ..models.introspection import classifier_name, eval_mode, model_device
-from .signals import SignalLayer, layer_signals, layer_squared_norms, plan_signal_layers, samples_independent
+from ..models.introspection import auxiliary_prefixes, classifier_name, eval_mode, model_device
+from .signals import (
+    SignalLayer,
+    layer_signals,
+    layer_squared_norms,
+    per_sample_block,
+    plan_signal_layers,
+    samples_independent,
+)
 
 GradNorm = Literal["per_tensor_sum", "global", "last_layer"]
 NORMS: tuple[str, ...] = ("per_tensor_sum", "global", "last_layer")
 Method = Literal["signals", "vmap"]
 METHODS: tuple[str, ...] = ("signals", "vmap")
 
-#: Parameters under these module prefixes are not part of the backbone (the loss-prediction head).
-AUXILIARY_PREFIXES: tuple[str, ...] = ("loss_module.",)
-
 #: Budget for one chunk of per-sample gradients when ``chunk_size`` is not given.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
-def backbone_parameters(
-    model: nn.Module, exclude: tuple[str, ...] = AUXILIARY_PREFIXES, trainable_only: bool = True
-) -> dict[str, torch.Tensor]:
-    """The model's (trainable) parameters by name, without auxiliary heads (e.g. ``loss_module``)."""
+def backbone_parameters(model: nn.Module, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+    """The model's (trainable) parameters by name, without the training-only heads its trainer declared
+    (:func:`~activelab.models.introspection.mark_auxiliary`, e.g. the loss-prediction module)."""
+    exclude = auxiliary_prefixes(model)
     return {
         name: p
         for name, p in model.named_parameters()
@@ -115,7 +119,7 @@ def entropy_gradient_norms(
         method: ``"signals"`` (layer signals, one backward pass per chunk; falls back to ``"vmap"`` for models
             it does not cover) or ``"vmap"`` (torch.func per-sample gradients); both give the same scores.
 
-    Parameters of ``model.loss_module`` (the loss-prediction head) are never part of theta.
+    Parameters of training-only heads (the loss-prediction module) are never part of theta.
     Complexity: signals, one forward and one backward pass per chunk plus, per layer and sample, the cheaper
     of out x q x L and L^2 (out + q) multiply-adds for a convolution (L positions, q = in x kh x kw); vmap,
     about one forward and one backward pass per sample, batched.
@@ -151,7 +155,7 @@ def _signal_chunk(layers: list[SignalLayer], budget_bytes: int = DEFAULT_CHUNK_B
     """Samples per chunk so that the saved layer inputs, the signals and one layer's per-sample weight
     gradients (float32) fit in ``budget_bytes``, with room for the forward pass's own activations."""
     acts = sum(int(np.prod(layer.out_shape[1:])) for layer in layers)
-    biggest = max(int(layer.module.weight.numel()) if layer.module.weight is not None else 0 for layer in layers)
+    biggest = max(per_sample_block(layer) for layer in layers)
     return int(max(1, min(256, budget_bytes // max(1, 4 * (4 * acts + biggest)))))
 
 

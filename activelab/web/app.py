@@ -1,0 +1,252 @@
+"""The labeling page's web application (FastAPI); :mod:`activelab.web.server` runs it with uvicorn.
+
+Routes: ``/`` (the page), ``/static/*`` (its script and style), and a JSON API under ``/api``: ``state``
+(the batch, counts, training status, learning curve), ``label`` and ``undo`` (one atomic database write
+each), ``train`` (fit then query the next batch, in a background thread), ``query``, ``thumb/<id>`` (the
+cached image of an indexed file) and ``file/<id>`` (the original file). Images are looked up by content id
+in the project's index only, so no path from a request ever reaches the file system.
+
+Security: with a token (always, when the server listens beyond the loopback interface), every request must
+carry it (``?token=``, which also sets a cookie, the cookie, or an ``X-Activelab-Token`` header). On the
+loopback interface requests whose ``Host`` is not a loopback name are refused (DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import ActivelabError
+from ..project.core import Project
+from ..project.sources import array_to_image_bytes
+
+STATIC = Path(__file__).parent / "static"
+ID_PATTERN = re.compile(r"^[0-9a-f]{24}$")
+TOKEN_COOKIE = "activelab_token"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+#: keys of the classes, in order (s = skip, u = unsure, z = undo are reserved)
+CLASS_KEYS = "1234567890qwertyiopadfghjklxcvbnm"
+
+
+class LabelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    kind: str = "label"
+    label: str | None = None
+    who: str = Field("page", max_length=100)
+
+
+class UndoIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    seq: int
+    who: str = Field("page", max_length=100)
+
+
+class TrainIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    strategy: str = "margin"
+    budget: int = Field(20, ge=1, le=10_000)
+    train: bool = True
+    validation_per_class: int | None = Field(None, ge=1, le=1000)
+    epochs: int | None = Field(None, ge=1, le=10_000)
+
+
+class Job:
+    """One background job at a time (train, then query): its state for the page's progress display."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state: dict[str, Any] = {"state": "idle"}
+        self.thread: threading.Thread | None = None
+
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def start(self, target, **state) -> bool:
+        with self.lock:
+            if self.running():
+                return False
+            self.state = {"state": "starting", "started": time.time(), **state}
+            self.thread = threading.Thread(target=self._run, args=(target,), daemon=True, name="activelab-job")
+            self.thread.start()
+            return True
+
+    def _run(self, target) -> None:
+        try:
+            target(self)
+            self.update(state="done", finished=time.time())
+        except ActivelabError as exc:
+            self.update(state="error", message=str(exc), finished=time.time())
+        except Exception as exc:  # noqa: BLE001 - shown on the page, and kept in the server log
+            traceback.print_exc()
+            self.update(state="error", message=f"{type(exc).__name__}: {exc}", finished=time.time())
+
+    def update(self, **values: Any) -> None:
+        with self.lock:
+            self.state = {**self.state, **values}
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return dict(self.state)
+
+
+def _host_name(host_header: str) -> str:
+    if host_header.startswith("["):
+        return host_header.split("]")[0] + "]"
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def create_app(project: Project | str | Path, token: str | None = None, loopback_only: bool = True) -> FastAPI:
+    """The app for one project. ``token``: required on every request when given. ``loopback_only``: refuse
+    requests whose Host header is not a loopback name (set when the server listens on 127.0.0.1)."""
+    if not isinstance(project, Project):
+        project = Project(project)
+    app = FastAPI(title="activelab labeling", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.project = project
+    job = Job()
+    app.state.job = job
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if loopback_only and _host_name(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
+            return JSONResponse({"detail": "this server answers on its loopback address only"}, status_code=400)
+        from_query = request.query_params.get("token")
+        if token is not None:
+            given = from_query or request.headers.get("x-activelab-token") or request.cookies.get(TOKEN_COOKIE) or ""
+            if not secrets.compare_digest(given.encode(), token.encode()):
+                return JSONResponse(
+                    {"detail": "a token is required: open the address the server printed (it ends in ?token=...)"},
+                    status_code=403,
+                )
+        response = await call_next(request)
+        if token is not None and from_query:
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        return response
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/")
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    def file_row(file_id: str):
+        if not ID_PATTERN.match(file_id):
+            raise HTTPException(404, "no such file in this project")
+        row = project.store.file(file_id)
+        if row is None:
+            raise HTTPException(404, "no such file in this project")
+        return row
+
+    @app.get("/api/state")
+    def state() -> dict:
+        from ..strategies.base import available_strategies
+
+        status = project.status()
+        rounds = project.store.rounds()
+        current = rounds[-1] if rounds else None
+        batch = project.batch(current["round"]) if current else []
+        for item in batch:
+            item["path"] = Path(item["path"]).name  # the page needs no full path
+        fallbacks = [
+            {"round": r["round"], "fallback": r["info"]["fallback"], "reason": r["info"].get("fallback_reason", "")}
+            for r in rounds
+            if r["info"].get("fallback")
+        ]
+        return {
+            "project": project.folder.name,
+            "classes": project.classes,
+            "keys": list(CLASS_KEYS[: len(project.classes)]),
+            "round": current,
+            "batch": batch,
+            "status": status,
+            "fallbacks": fallbacks,
+            "job": job.snapshot(),
+            "strategies": available_strategies(),
+        }
+
+    @app.post("/api/label")
+    def label(body: LabelIn) -> dict:
+        file_row(body.id)
+        if body.kind == "label" and body.label not in project.classes:
+            raise HTTPException(422, f"unknown class {body.label!r}")
+        try:
+            (seq,) = project.store.add_labels(
+                [(body.id, body.kind, body.label if body.kind == "label" else None)],
+                who=body.who,
+                source="page",
+                round_=project.current_round(),
+            )
+        except ActivelabError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        return {"id": body.id, "seq": seq, "kind": body.kind, "label": body.label if body.kind == "label" else None}
+
+    @app.post("/api/undo")
+    def undo(body: UndoIn) -> dict:
+        file_row(body.id)
+        seq, now = project.store.undo(body.id, body.seq, who=body.who, source="page")
+        return {
+            "id": body.id,
+            "undone": seq is not None,
+            "seq": now["seq"] if now is not None else None,
+            "kind": now["kind"] if now is not None else None,
+            "label": now["label"] if now is not None else None,
+        }
+
+    @app.get("/api/history/{file_id}")
+    def history(file_id: str) -> list[dict]:
+        file_row(file_id)
+        return [dict(r) for r in project.store.history(file_id)]
+
+    @app.post("/api/train")
+    def train(body: TrainIn) -> dict:
+        from ..strategies.base import get_strategy
+
+        try:
+            get_strategy(body.strategy)
+        except ActivelabError as exc:
+            raise HTTPException(422, str(exc)) from exc
+
+        def work(j: Job) -> None:
+            if body.train and body.validation_per_class is None:
+                j.update(state="training", epoch=0)
+                overrides = {"epochs": body.epochs} if body.epochs else {}
+                record = project.fit(progress=lambda p: j.update(**p), **overrides)
+                j.update(training={k: record[k] for k in ("train_size", "val_size", "val_accuracy")})
+            j.update(state="querying")
+            project.query(body.budget, body.strategy, validation_per_class=body.validation_per_class)
+
+        if not job.start(work, strategy=body.strategy, budget=body.budget):
+            raise HTTPException(409, "a training or query is already running; wait for it")
+        return job.snapshot()
+
+    @app.get("/api/thumb/{file_id}")
+    def thumb(file_id: str) -> Response:
+        row = file_row(file_id)
+        if row["row"] is None:
+            raise HTTPException(404, "this file could not be decoded")
+        image = np.asarray(project.pixels()[row["row"]])
+        return Response(
+            array_to_image_bytes(image), media_type="image/png", headers={"Cache-Control": "private, max-age=86400"}
+        )
+
+    @app.get("/api/file/{file_id}")
+    def original(file_id: str) -> Response:
+        row = file_row(file_id)
+        path = Path(row["path"])
+        if not path.is_file():  # an array row, or a file since moved: the cached image instead
+            return thumb(file_id)
+        return FileResponse(path)
+
+    return app
