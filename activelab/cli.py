@@ -33,14 +33,39 @@ def main() -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="parallel local processes")
 @click.option("--runs", "runs", metavar="A:B", help="only runs A..B-1 (0-based), e.g. 0:3")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
-@click.option("--ray-address", default=None, help="Ray cluster address (with --executor ray)")
+@click.option(
+    "--address",
+    "--ray-address",
+    "ray_address",
+    default=None,
+    help="with --executor ray: an existing cluster (HOST:PORT, ray://HOST:10001 or auto); default: start a local one",
+)
+@click.option(
+    "--cpus-per-job",
+    type=click.IntRange(min=1),
+    default=None,
+    help="with --executor ray: CPUs each job reserves = its torch threads (default: the config's threads, else 1)",
+)
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def run(config, out, workers, runs, executor, ray_address, quiet) -> None:
-    """Run the experiment of CONFIG (a YAML file); resume it if its directory exists."""
+def run(config, out, workers, runs, executor, ray_address, cpus_per_job, quiet) -> None:
+    """Run the experiment of CONFIG (a YAML file); resume it if its directory exists.
+
+    With --executor ray, each (run, strategy) job is a Ray task; the cluster runs as many at once as its CPUs
+    allow (--cpus-per-job each), so --workers does not apply and is refused. The experiment directory (--out)
+    must be on a filesystem every node sees at the same path.
+    """
+    from .errors import ActivelabError
     from .experiment.executors import RayExecutor
     from .experiment.runner import run_experiment
 
-    ex = RayExecutor(ray_address) if executor == "ray" else None
+    if executor != "ray" and (ray_address is not None or cpus_per_job is not None):
+        raise ActivelabError("--address and --cpus-per-job are options of --executor ray")
+    if executor == "ray" and workers != 1:
+        raise ActivelabError(
+            "--workers is for the local executor; with --executor ray the cluster runs as many jobs at once as "
+            "its CPUs allow: set --cpus-per-job (CPUs and torch threads per job) instead"
+        )
+    ex = RayExecutor(ray_address, cpus_per_job) if executor == "ray" else None
     outcome = run_experiment(config, out, workers=workers, runs=runs, executor=ex, progress=not quiet)
     click.echo(
         f"{outcome.exp_dir}: {len(outcome.done)} job(s) finished, {len(outcome.skipped)} already complete, "
@@ -59,15 +84,22 @@ def run(config, out, workers, runs, executor, ray_address, quiet) -> None:
 def report(exp_dir, as_json, target) -> None:
     """Print the summary table of an experiment directory."""
     from .experiment.runner import load_experiment
+    from .report.stopping import stopping_summary, stopping_text
     from .report.summary import report_json, report_text, summarize
 
     cfg, store = load_experiment(exp_dir)
     summaries = summarize(cfg, store, target)
+    stopping = stopping_summary(cfg, store)
     store.close()
     if as_json:
-        click.echo(json.dumps(report_json(cfg, summaries), indent=2))
+        out = report_json(cfg, summaries)
+        if stopping:
+            out["stopping"] = stopping
+        click.echo(json.dumps(out, indent=2))
     else:
         click.echo(report_text(cfg, summaries))
+        if stopping:
+            click.echo("\n" + stopping_text(cfg, stopping))
 
 
 @main.command()

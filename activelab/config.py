@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .stopping import StopWhen
 
 
 class _Section(BaseModel):
@@ -26,6 +27,9 @@ class DatasetConfig(_Section):
     root: str | None = Field(None, description="folder holding the files (default: search the usual places)")
     download: bool = Field(True, description="download when the files are nowhere on disk")
     classes: list[int] | None = Field(None, description="keep only these classes (relabelled 0..k-1)")
+    clip_to: int | None = Field(
+        None, ge=2, description="keep classes 0..K-2 and merge all others into class K-1 (GALAXY's protocol)"
+    )
 
 
 class BiasConfig(_Section):
@@ -36,6 +40,9 @@ class BiasConfig(_Section):
     minority: list[int] | None = Field(None, description="step: the minority classes (default: upper half)")
     counts: dict[int, int] | None = Field(None, description="counts: images per class")
     pool_size: int | None = Field(None, ge=1, description="none: subsample the pool to this many images")
+    label_noise: float = Field(
+        0.0, ge=0, lt=1, description="symmetric noise: this fraction of pool labels flipped to a random other class"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> BiasConfig:
@@ -56,7 +63,9 @@ class ModelConfig(_Section):
     def _known(cls, v: str) -> str:
         builtin = ("digits_cnn", "lenet", "resnet10", "resnet18")
         if v not in builtin and ":" not in v:
-            raise ValueError(f"unknown model {v!r}; use one of {', '.join(builtin)} or 'package.module:factory'")
+            raise ValueError(
+                f"unknown model {v!r}; use one of {', '.join(map(repr, builtin))} or 'package.module:factory'"
+            )
         return v
 
     name: str = Field(description="digits_cnn, lenet, resnet10, resnet18, or 'package.module:factory'")
@@ -83,6 +92,13 @@ class TrainConfig(_Section):
     loss_weight: float = Field(1.0, ge=0, description="lambda of the loss-prediction loss")
     loss_margin: float = Field(1.0, ge=0, description="xi of the ranking loss")
     detach_epoch: int | None = Field(None, ge=0, description="detach the tapped features after this epoch")
+    # training for imbalance (applied equally to every strategy; off by default)
+    class_weights: Literal["none", "inverse_frequency"] = Field(
+        "none", description="weight the cross-entropy by inverse labeled class counts"
+    )
+    prior_correction: bool = Field(
+        False, description="at test time, subtract the log of the labeled class frequencies from the logits"
+    )
 
     @field_validator("milestones")
     @classmethod
@@ -115,6 +131,20 @@ class LoopConfig(_Section):
     keep_checkpoints: Literal["all", "last"] = Field(
         "all", description="keep every round's model (for confusion matrices / t-SNE) or only the last"
     )
+    stop_set: int = Field(
+        0,
+        ge=0,
+        description="size of a fixed seeded unlabeled sample of the pool on which each round's model is "
+        "evaluated for the stopping criteria (0: none)",
+    )
+    stop_when: StopWhen | None = Field(None, description="end a run at the first round where a criterion fires")
+
+    @model_validator(mode="after")
+    def _check_stop(self) -> LoopConfig:
+        rule = self.stop_when
+        if rule and (rule.stabilizing_kappa or rule.uncertainty_below is not None) and self.stop_set == 0:
+            raise ValueError("loop.stop_when on kappa or uncertainty needs loop.stop_set > 0 (e.g. 1000)")
+        return self
 
 
 def _with_params(name: str, params: dict[str, Any]) -> str:
@@ -129,6 +159,18 @@ class WrapperConfig(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class FirstRoundConfig(_Section):
+    """Another strategy for the first acquisition (round 1), e.g. a label-free cold start before margin."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    budget: int | None = Field(None, ge=1, description="labels of the first acquisition (default: loop.budget)")
+
+    @property
+    def label(self) -> str:
+        return _with_params(self.name, self.params) + (f"@{self.budget}" if self.budget else "")
+
+
 class StrategyConfig(_Section):
     name: str = Field(description="a registered strategy, or 'package.module:Class' for one of your own")
     key: str | None = Field(None, description="the name shown in reports (default: name and parameters)")
@@ -137,6 +179,7 @@ class StrategyConfig(_Section):
         default_factory=list, description="wrappers applied in turn (the first wraps the strategy)"
     )
     init: Literal["random", "rotation"] | None = Field(None, description="override the experiment's init")
+    first_round: FirstRoundConfig | None = Field(None, description="a different strategy for the first acquisition")
 
     @property
     def label(self) -> str:
@@ -145,6 +188,8 @@ class StrategyConfig(_Section):
         label = _with_params(self.name, self.params)
         for w in self.wrap:
             label = f"{_with_params(w.name, w.params)}({label})"
+        if self.first_round:
+            label = f"{self.first_round.label}>{label}"
         return label
 
 
@@ -174,6 +219,8 @@ class ExperimentConfig(_Section):
             raise ValueError(f"strategies {dupes} appear twice: give each variant a distinct key")
         for s in self.strategies:
             build_strategy(s.name, s.params, [w.model_dump() for w in s.wrap])  # raises with the valid names
+            if s.first_round:
+                build_strategy(s.first_round.name, s.first_round.params)
         if self.train.select_by == "validation" and self.validation.per_class == 0:
             raise ValueError("train.select_by: validation needs validation.per_class > 0")
         return self
@@ -182,7 +229,8 @@ class ExperimentConfig(_Section):
         """A hash of everything that changes results. The name, description and thread count do not; nor does
         the number of runs: every run is seeded by its own index, so run r is the same in a 3-run and a 5-run
         experiment, and an experiment can be extended with more runs. Options added later leave the fingerprint
-        of configs that do not use them unchanged (an empty ``wrap`` is left out)."""
+        of configs that do not use them unchanged (an empty ``wrap``, no ``first_round``, ``stop_set`` 0 and no
+        ``stop_when`` are left out). ``stop_when`` ends runs early, so it is part of the fingerprint when set."""
         data = self.model_dump(
             mode="json",
             exclude={"name": True, "description": True, "threads": True, "loop": {"keep_checkpoints", "runs"}},
@@ -190,7 +238,23 @@ class ExperimentConfig(_Section):
         for s in data["strategies"]:
             if not s["wrap"]:
                 del s["wrap"]
+            if s.get("first_round") is None:
+                s.pop("first_round", None)
+        for section, key, default in _OPTIONAL_FIELDS:  # options added later leave old fingerprints as they were
+            if data.get(section, {}).get(key, default) == default:
+                data.get(section, {}).pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: (section, field, default) of fields whose default must not change the fingerprint of older configs.
+_OPTIONAL_FIELDS = [
+    ("dataset", "clip_to", None),
+    ("bias", "label_noise", 0.0),
+    ("train", "class_weights", "none"),
+    ("train", "prior_correction", False),
+    ("loop", "stop_set", 0),
+    ("loop", "stop_when", None),
+]
 
 
 def _format_error(exc: ValidationError, source: str) -> str:

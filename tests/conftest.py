@@ -138,3 +138,33 @@ def run_strategy(strategy, model, pool, labeled, budget, rng, validation=None, b
     if info is not None:
         info.update(result.info)
     return result.indices
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A Ray head on 127.0.0.1 with 2 CPUs, started (and stopped) by this test process, shared by the Ray tests;
+    yields its address. Ray resolves 127.0.0.1 to the machine's address unless told that this is a one-machine
+    cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read at import: set in the environment for subprocesses and
+    on the imported constants here)."""
+    import os
+
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'activelab[ray]')")
+    from ray._private import ray_constants
+
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    was_cluster, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    ctx = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    address = ctx.address_info["gcs_address"]
+    assert address.startswith("127.0.0.1:"), address
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = was_cluster
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -28,9 +28,12 @@ def _prepared_model(name: str) -> TinyNet:
     return model
 
 
-def _select(name, model, pool, labeled, budget, seed=0, **extra):
+def _select(name, model, pool, labeled, budget, seed=0, oracle_labels=None, **extra):
     cls = get_strategy(name)
     params = {**cls.example_params, **extra}
+    if cls.uses_oracle:  # in-round oracle strategies get one (answering from ``oracle_labels``, default the pool's)
+        truth = np.asarray(pool.targets if oracle_labels is None else oracle_labels)
+        params["oracle"] = lambda idx: truth[idx]
     return activelab.select(
         name, model, pool, labeled=labeled, budget=budget, validation=make_pool(24, seed=1), seed=seed, **params
     )
@@ -70,10 +73,14 @@ def test_unknown_parameter_is_an_error(name):
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_permuting_pool_labels_changes_nothing_unless_oracle(name):
     pool, labeled = make_pool(), np.arange(0, 60, 5)
-    permuted = pool.with_labels(np.random.default_rng(1).permutation(pool.targets))
+    # the labeled set's labels are known; the unlabeled pool's are permuted (the oracle still answers truly)
+    targets = pool.targets.copy()
+    unlabeled = np.setdiff1d(np.arange(len(pool)), labeled)
+    targets[unlabeled] = np.random.default_rng(1).permutation(targets[unlabeled])
+    permuted = pool.with_labels(targets)
     model = _prepared_model(name)
     a = _select(name, copy.deepcopy(model), pool, labeled, budget=6)
-    b = _select(name, copy.deepcopy(model), permuted, labeled, budget=6)
+    b = _select(name, copy.deepcopy(model), permuted, labeled, budget=6, oracle_labels=pool.targets)
     instance = get_strategy(name)(**get_strategy(name).example_params)
     if not instance.reads_pool_labels:  # only oracle ablations may read pool labels
         np.testing.assert_array_equal(a, b)
@@ -98,6 +105,11 @@ IDS = [name if not wrap else f"{wrap}({name})" for name, wrap in CASES]
 
 def _select_case(name, wrap, model, pool, labeled, budget, seed=0, **extra):
     params = {**get_strategy(name).example_params, **extra}
+    if get_strategy(name).uses_oracle:  # in-round oracle strategies get one, answering from the pool's labels
+        from activelab.data.arrays import dataset_labels
+
+        truth = dataset_labels(pool)
+        params["oracle"] = lambda idx: truth[idx]
     return activelab.select(
         name, model, pool, labeled=labeled, budget=budget, validation=make_pool(24, seed=1), seed=seed,
         wrap=wrap, **params,

@@ -2,7 +2,8 @@
 its rounds to the experiment's store, so an executor only has to call :func:`execute_job` somewhere.
 
 - :class:`LocalExecutor`: in this process (``workers=1``) or in a pool of spawned processes.
-- :class:`RayExecutor`: Ray tasks; the experiment directory must be on a filesystem every node sees.
+- :class:`RayExecutor`: Ray tasks; the experiment directory must be on a filesystem every node sees (NFS, a
+  cluster filesystem, or one machine). A task that cannot see it fails at once with an error that says so.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -24,6 +25,35 @@ class Job:
     run: int
     strategy: str  # the strategy's label (StrategyConfig.label)
     threads: int
+    #: The experiment's config fingerprint, when the worker must check that it sees the driver's directory
+    #: (executors whose workers may run on other machines).
+    fingerprint: str | None = None
+
+
+SHARED_DIRECTORY_HELP = (
+    "the Ray executor needs the experiment directory on a filesystem every node of the cluster sees, at the "
+    "same path (an NFS or cluster filesystem mount, or a one-machine cluster); pass --out a shared path"
+)
+
+
+def check_shared_directory(job: Job) -> None:
+    """Raise :class:`ActivelabError` unless this process sees the driver's experiment directory: its config and
+    store exist here and the config has the fingerprint the driver wrote."""
+    import socket
+
+    from ..config import load_config
+    from ..errors import ActivelabError
+
+    exp_dir = Path(job.exp_dir)
+    where = f"a worker on {socket.gethostname()} (pid {os.getpid()})"
+    config = exp_dir / "config.yaml"
+    if not config.is_file() or not (exp_dir / "results.sqlite").is_file():
+        raise ActivelabError(f"{where} cannot see the experiment directory {exp_dir}: {SHARED_DIRECTORY_HELP}")
+    if job.fingerprint is not None and load_config(config).fingerprint() != job.fingerprint:
+        raise ActivelabError(
+            f"{where} sees another experiment at {exp_dir} (its config differs from the driver's): "
+            f"{SHARED_DIRECTORY_HELP}"
+        )
 
 
 def execute_job(job: Job) -> str | None:
@@ -35,6 +65,8 @@ def execute_job(job: Job) -> str | None:
 
     torch.set_num_threads(job.threads)
     try:
+        if job.fingerprint is not None:
+            check_shared_directory(job)
         cfg = load_config(Path(job.exp_dir) / "config.yaml")
         scfg = next(s for s in cfg.strategies if s.label == job.strategy)
         run_job(job.exp_dir, cfg, job.run, scfg)
@@ -80,35 +112,114 @@ class LocalExecutor(Executor):
                 on_done(futures[fut], error)
 
 
+RAY_INSTALL_HINT = "pip install 'activelab[ray]'"
+
+
+def import_ray():
+    """The ``ray`` module, or an :class:`ActivelabError` that says how to install it."""
+    try:
+        import ray
+    except ImportError as exc:
+        from ..errors import ActivelabError
+
+        raise ActivelabError(f"the Ray executor needs Ray, which is not installed here: {RAY_INSTALL_HINT}") from exc
+    return ray
+
+
 class RayExecutor(Executor):
-    """Dispatch jobs as Ray tasks (``pip install 'activelab[ray]'``); ``address`` as for ``ray.init``."""
+    """Dispatch jobs as Ray tasks (``pip install 'activelab[ray]'``).
 
-    def __init__(self, address: str | None = None, cpus_per_job: int = 1) -> None:
-        try:
-            import ray
-        except ImportError as exc:
-            from ..errors import ActivelabError
+    - ``address``: an existing cluster (``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:10001"``), as for
+      ``ray.init``; None starts a local Ray instance for this run and stops it afterwards.
+    - ``cpus_per_job``: CPUs each task reserves, and torch threads it runs with (the two always agree); default:
+      the config's ``threads``, else 1.
+    - ``max_retries``: how often Ray re-runs a job whose worker process died (killed, out of memory, node
+      lost). A re-run resumes from the last committed round, so it gives the same results; a job that is
+      still lost after the retries is reported as failed, and a later ``activelab run`` resumes it.
 
-            raise ActivelabError("the Ray executor needs Ray: pip install 'activelab[ray]'") from exc
-        self.ray = ray
+    The experiment directory must be on a filesystem every node sees at the same path: each task checks that it
+    sees the driver's config and store before doing anything, and fails with an error that says so otherwise.
+    Every node needs activelab (and the dataset files, or their download) installed like the driver.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        cpus_per_job: int | None = None,
+        max_retries: int = 2,
+        init_kwargs: dict | None = None,
+    ) -> None:
+        from ..errors import ActivelabError
+
+        self.ray = import_ray()
+        if cpus_per_job is not None and cpus_per_job < 1:
+            raise ActivelabError(f"cpus_per_job must be >= 1; got {cpus_per_job}")
+        if max_retries < 0:
+            raise ActivelabError(f"max_retries must be >= 0; got {max_retries}")
         self.address = address
         self.cpus_per_job = cpus_per_job
+        self.max_retries = max_retries
+        self.init_kwargs = dict(init_kwargs or {})
+
+    def prepare(self, jobs: Sequence[Job]) -> list[Job]:
+        """The jobs as the tasks get them: threads = the CPUs each task reserves, and the fingerprint each task
+        checks the shared directory against."""
+        from ..config import load_config
+
+        configs: dict[str, object] = {}
+        out = []
+        for job in jobs:
+            if job.exp_dir not in configs:
+                configs[job.exp_dir] = load_config(Path(job.exp_dir) / "config.yaml")
+            cfg = configs[job.exp_dir]
+            threads = self.cpus_per_job or cfg.threads or 1
+            out.append(replace(job, threads=threads, fingerprint=cfg.fingerprint()))
+        return out
+
+    def _connect(self) -> bool:
+        """Connect to (or start) Ray; True if this call did, so :meth:`run` disconnects afterwards."""
+        ray = self.ray
+        if ray.is_initialized():
+            return False
+        kwargs = {"include_dashboard": False, "log_to_driver": False, **self.init_kwargs}
+        if self.address is not None:
+            kwargs.pop("include_dashboard")  # only for a cluster this call starts
+        try:
+            ray.init(address=self.address, **kwargs)
+        except ConnectionError as exc:
+            from ..errors import ActivelabError
+
+            raise ActivelabError(
+                f"cannot reach the Ray cluster at {self.address!r}: {exc}. Start one with `ray start --head` "
+                "and pass the address it prints (or 'auto' on a node of the cluster)"
+            ) from exc
+        return True
 
     def run(self, jobs, on_done):
+        jobs = self.prepare(jobs)
+        if not jobs:
+            return
         ray = self.ray
-        if not ray.is_initialized():
-            ray.init(address=self.address, ignore_reinit_error=True)
-        remote = ray.remote(num_cpus=self.cpus_per_job)(execute_job)
-        pending = {remote.remote(job): job for job in jobs}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                job = pending.pop(ref)
-                try:
-                    error = ray.get(ref)
-                except Exception as exc:
-                    error = f"ray task failed: {type(exc).__name__}: {exc}"
-                on_done(job, error)
+        connected = self._connect()
+        try:
+            remotes: dict[int, object] = {}
+            pending = {}
+            for job in jobs:
+                if job.threads not in remotes:
+                    remotes[job.threads] = ray.remote(num_cpus=job.threads, max_retries=self.max_retries)(execute_job)
+                pending[remotes[job.threads].remote(job)] = job
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    job = pending.pop(ref)
+                    try:
+                        error = ray.get(ref)
+                    except Exception as exc:  # the task's worker died (after the retries) or Ray failed
+                        error = f"ray task failed: {type(exc).__name__}: {exc}"
+                    on_done(job, error)
+        finally:
+            if connected:
+                ray.shutdown()
 
 
 def default_threads(workers: int) -> int:

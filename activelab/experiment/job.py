@@ -16,10 +16,11 @@ from ..metrics import round_metrics
 from ..query.engine import RoundSeed, run_query
 from ..strategies.wrappers import build_strategy
 from ..train import get_trainer
-from ..train.supervised import evaluate
+from ..train.supervised import evaluate, prior_offset
 from .layout import Layout, safe_name
 from .seeding import numpy_rng, torch_generator, torch_seed
 from .setup import RunData, atomic_save, ensure_initial_model, new_model, prepare_run
+from .stopset import stop_reason, stop_set_entry, stop_set_indices
 from .store import RoundRecord, Store
 
 __all__ = ["checkpoint_path", "run_job", "safe_name"]
@@ -85,10 +86,16 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
 
     done = store.last_round(run, label)
     state = PoolState(len(data.pool))
+    stop_idx = stop_set_indices(cfg, data)
+    past = store.rounds(run, label) if done is not None else []
+    infos, labeled_history = [r.info for r in past], [r.n_labeled for r in past]
+    if any("stopped_by" in info for info in infos):
+        return  # a stopping criterion ended this run
+    first_round = build_strategy(scfg.first_round.name, scfg.first_round.params) if scfg.first_round else None
     if done is None:
         start = 0
     else:
-        selections = {r.round: r.selected for r in store.rounds(run, label)}
+        selections = {r.round: r.selected for r in past}
         state = PoolState.from_selections(len(data.pool), selections)
         for j, member in enumerate(members):
             member.load_state_dict(
@@ -103,6 +110,10 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
             if cfg.loop.initial == 0:
                 continue  # nothing to train on: the first round selects with the initial model
             selected = data.initial
+        elif first_round is not None and round_ == 1:
+            budget = scfg.first_round.budget or cfg.loop.budget
+            selected, info = select_round(first_round, model, [model], data, state, cfg, run, label, round_, budget)
+            info["first_round"] = scfg.first_round.label
         else:
             selected, info = select_round(strategy, model, members, data, state, cfg, run, label, round_)
         select_seconds = time.perf_counter() - t0
@@ -133,11 +144,22 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
                 )
         result = results[0]
         t1 = time.perf_counter()
-        predictions = evaluate(model, data.test, np.arange(len(data.test)), cfg.train.eval_batch_size, device)
+        offset = prior_offset(pool_labels[state.labeled], data.num_classes) if cfg.train.prior_correction else None
+        predictions = evaluate(
+            model, data.test, np.arange(len(data.test)), cfg.train.eval_batch_size, device, logit_offset=offset
+        )
         eval_seconds = time.perf_counter() - t1
         labeled_counts = np.bincount(pool_labels[state.labeled], minlength=data.num_classes)
         metrics = round_metrics(test_labels, predictions, data.num_classes, data.minority, labeled_counts)
         selected_counts = np.bincount(pool_labels[np.asarray(selected, dtype=np.int64)], minlength=data.num_classes)
+        if len(stop_idx):
+            previous = next((i["stop_set"]["predictions"] for i in reversed(infos) if "stop_set" in i), None)
+            info["stop_set"] = stop_set_entry(model, data, stop_idx, previous, cfg.loop.query_batch_size)
+        infos.append(info)
+        labeled_history.append(len(state.labeled))
+        reason = stop_reason(cfg.loop.stop_when, infos, labeled_history)
+        if reason:
+            info["stopped_by"] = reason
         for j, member in enumerate(members):
             atomic_save(
                 {k: v.detach().cpu() for k, v in member.state_dict().items()},
@@ -172,6 +194,8 @@ def _loop(exp_dir: Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, 
         if cfg.loop.keep_checkpoints == "last" and round_ > 0:
             for j in range(len(members)):
                 checkpoint_path(exp_dir, run, label, round_ - 1, j).unlink(missing_ok=True)
+        if reason:
+            break
 
 
 def round_seed(seed: int, run: int, label: str, round_: int) -> RoundSeed:
@@ -181,16 +205,18 @@ def round_seed(seed: int, run: int, label: str, round_: int) -> RoundSeed:
     )
 
 
-def select_round(strategy, model, members, data: RunData, state: PoolState, cfg, run: int, label: str, round_: int):
+def select_round(
+    strategy, model, members, data: RunData, state: PoolState, cfg, run: int, label: str, round_: int, budget=None
+):
     """One round's picks through the engine shared with ``activelab.select``; the pool's labels answer the
-    in-round oracle, only for the samples asked."""
+    in-round oracle, only for the samples asked. ``budget``: default ``loop.budget``."""
     pool_labels = dataset_labels(data.pool)
     result = run_query(
         strategy,
         model,
         data.pool,
         state.labeled,
-        cfg.loop.budget,
+        budget or cfg.loop.budget,
         round_seed(cfg.loop.seed, run, label, round_),
         validation=data.validation,
         batch_size=cfg.loop.query_batch_size,

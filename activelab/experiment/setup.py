@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from ..config import DatasetConfig, ExperimentConfig
 from ..data.arrays import ArrayDataset, dataset_labels
 from ..data.bias import biased_pool_indices, minority_classes, pool_class_counts
+from ..data.imbalance import clip_classes, symmetric_noise
 from ..data.sources import load_split
 from ..data.splits import carve_validation, restrict_classes
 from ..errors import ActivelabError
@@ -54,6 +55,8 @@ def _load_data(cfg_json: str) -> tuple[Dataset, Dataset]:
     test = load_split(cfg.name, "test", root=cfg.root, download=cfg.download)
     if cfg.classes:
         train, test = restrict_classes(train, cfg.classes), restrict_classes(test, cfg.classes)
+    if cfg.clip_to:
+        train, test = clip_classes(train, cfg.clip_to), clip_classes(test, cfg.clip_to)
     return train, test
 
 
@@ -91,9 +94,15 @@ def prepare_run(cfg: ExperimentConfig, run: int) -> RunData:
         )
     initial = numpy_rng(seed, run, "initial").choice(len(pool_idx), cfg.loop.initial, replace=False)
     del pool_labels
+    pool = _subset(train, pool_idx)
+    if cfg.bias.label_noise > 0:  # the annotator's mistakes: pool labels only, never validation or test
+        if not isinstance(pool, ArrayDataset):
+            raise ActivelabError("bias.label_noise needs an in-memory dataset (the built-in ones)")
+        noisy = symmetric_noise(pool.targets, cfg.bias.label_noise, num_classes, numpy_rng(seed, run, "noise"))
+        pool = pool.with_labels(noisy)
     return RunData(
         run=run,
-        pool=_subset(train, pool_idx),
+        pool=pool,
         pool_indices=pool_idx,
         validation=_subset(train, val_idx) if len(val_idx) else None,
         validation_indices=val_idx,

@@ -37,7 +37,14 @@ from torch.utils.data import Dataset
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
 from ..models.introspection import eval_mode, model_device
-from .signals import layer_entries, layer_signals, plan_signal_layers, samples_independent
+from .signals import (
+    VMAP_UNSAFE,
+    layer_entries,
+    layer_signals,
+    per_sample_block,
+    plan_signal_layers,
+    samples_independent,
+)
 
 Weighting = Literal["sqrt_p", "none"]
 WEIGHTINGS: tuple[str, ...] = ("sqrt_p", "none")
@@ -82,9 +89,6 @@ def _probe(model: nn.Module, dataset: Dataset, indices: np.ndarray, device: torc
         return x, int(model(x).shape[-1])
 
 
-_NESTED_VMAP_UNSAFE = (nn.PReLU,)  # modules whose batching rules break under vmap(jacrev); see _jacobian_fn
-
-
 def _jacobian_fn(model: nn.Module, names: Sequence[str]):
     """(params_wrt, f) where f(params_wrt, x) = (Jacobians {name: (B, C, *shape)}, log p (B, C))."""
     params = trainable_parameters(model)
@@ -101,7 +105,7 @@ def _jacobian_fn(model: nn.Module, names: Sequence[str]):
     # exactly C samples (its batching rule mixes the two batch dimensions; other sizes raise). For such models
     # jacrev takes its C vector-Jacobian products one after another (chunk_size=1): one level of vmap, correct,
     # about 15% slower on LeNet, so the others keep the nested form.
-    one_level = any(isinstance(m, _NESTED_VMAP_UNSAFE) for m in model.modules())
+    one_level = any(isinstance(m, VMAP_UNSAFE) for m in model.modules())
     return wrt, vmap(jacrev(log_probs, has_aux=True, chunk_size=1 if one_level else None), in_dims=(None, 0))
 
 
@@ -232,9 +236,14 @@ def _check_weighting(weighting: str) -> None:
 Method = Literal["signals", "jacobian"]
 
 
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits in float32; float32 and float64 ones as they are (a float64 model stays exact)."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
 def _class_log_prob_sums(logits: torch.Tensor) -> list[torch.Tensor]:
     """The signal objectives of Fisher embeddings: sum over the batch of log p(c|x), one per class c."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
+    lp = torch.log_softmax(_at_least_float32(logits), dim=-1)
     return [lp[:, c].sum() for c in range(lp.shape[1])]
 
 
@@ -246,13 +255,15 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
         probe, num_classes = _probe(model, dataset, indices, device)
         layers, fallback = plan_signal_layers(model, dict(zip(mask.names, mask.indices, strict=True)), probe)
         wrt, jac_fn = _jacobian_fn(model, fallback) if fallback else ({}, None)
-        if chunk_size is None:  # per sample: C signals per output and C gradients per fallback entry, float32
+        if chunk_size is None:  # per sample and class: signals per output, the biggest closed-form block, the
+            # gradients of each fallback entry, float32
             per_class = sum(int(np.prod(layer.out_shape)) for layer in layers) + sum(wrt[n].numel() for n in fallback)
+            per_class += max((per_sample_block(layer) for layer in layers), default=0)
             chunk_size = int(max(1, min(64, DEFAULT_CHUNK_BYTES // max(1, 3 * 4 * num_classes * per_class))))
         for x, _ in iter_batches(dataset, indices, chunk_size):
             x = x.to(device)
             logits, signals, saved = layer_signals(model, layers, x, _class_log_prob_sums)
-            lp = torch.log_softmax(logits.float(), dim=-1)
+            lp = torch.log_softmax(_at_least_float32(logits), dim=-1)
             blocks: dict[str, torch.Tensor] = {}
             if jac_fn is not None:
                 jac, _ = jac_fn(wrt, x)

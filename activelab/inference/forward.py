@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
 from ..models.introspection import classifier_name, eval_mode, model_device, named_module
+from .device import inference_autocast, to_device
 
 
 @dataclass
@@ -30,7 +31,8 @@ def forward_pass(
 ) -> ForwardOutputs:
     """Logits (and optionally the classifier's input) for ``dataset[indices]``, in order.
 
-    Memory: the outputs, O(N·(C + d)); the device holds one batch at a time.
+    Memory: the outputs, O(N·(C + d)); the device holds one batch at a time. Inside
+    :func:`~activelab.inference.device.half_precision`, CUDA passes run in float16 autocast.
     """
     device = model_device(model)
     captured: list[torch.Tensor] = []
@@ -42,7 +44,9 @@ def forward_pass(
     try:
         with eval_mode(model):
             for x, _ in iter_batches(dataset, indices, batch_size):
-                logits.append(model(x.to(device)).float().cpu())
+                with inference_autocast(device):
+                    out = model(to_device(x, device))
+                logits.append(out.float().cpu())
     finally:
         if hook is not None:
             hook.remove()

@@ -31,7 +31,14 @@ from torch.utils.data import Dataset
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
 from ..models.introspection import classifier_name, eval_mode, model_device
-from .signals import SignalLayer, layer_signals, layer_squared_norms, plan_signal_layers, samples_independent
+from .signals import (
+    SignalLayer,
+    layer_signals,
+    layer_squared_norms,
+    per_sample_block,
+    plan_signal_layers,
+    samples_independent,
+)
 
 GradNorm = Literal["per_tensor_sum", "global", "last_layer"]
 NORMS: tuple[str, ...] = ("per_tensor_sum", "global", "last_layer")
@@ -151,7 +158,7 @@ def _signal_chunk(layers: list[SignalLayer], budget_bytes: int = DEFAULT_CHUNK_B
     """Samples per chunk so that the saved layer inputs, the signals and one layer's per-sample weight
     gradients (float32) fit in ``budget_bytes``, with room for the forward pass's own activations."""
     acts = sum(int(np.prod(layer.out_shape[1:])) for layer in layers)
-    biggest = max(int(layer.module.weight.numel()) if layer.module.weight is not None else 0 for layer in layers)
+    biggest = max(per_sample_block(layer) for layer in layers)
     return int(max(1, min(256, budget_bytes // max(1, 4 * (4 * acts + biggest)))))
 
 

@@ -20,6 +20,7 @@ from ..data.arrays import iter_batches
 from ..errors import ActivelabError
 from ..mcstats import MCStatistics
 from ..models.introspection import eval_mode, model_device
+from .device import inference_autocast, to_device
 
 
 def _fork_devices(device: torch.device) -> list:
@@ -68,7 +69,7 @@ def _stream_passes(
             torch.manual_seed(int(seed) + e)
             start = 0
             for x, _ in iter_batches(dataset, indices, batch_size):
-                x = x.to(device)
+                x = to_device(x, device)
                 b = len(x)
                 positions = slice(start, start + b)
                 reps = max(1, min(passes, max_rows // max(b, 1)))
@@ -76,7 +77,9 @@ def _stream_passes(
                 while done < passes:
                     r = min(reps, passes - done)
                     xr = x.unsqueeze(0).expand(r, *x.shape).reshape(r * b, *x.shape[1:])
-                    probs = torch.softmax(model(xr).double(), dim=1).cpu().numpy()
+                    with inference_autocast(device):
+                        logits = model(xr)
+                    probs = torch.softmax(logits.double(), dim=1).cpu().numpy()
                     yield e, done, positions, probs.reshape(r, b, -1)
                     done += r
                 start += b

@@ -24,11 +24,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
-_SIGNAL_MODULES = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+_CONV = (nn.Conv1d, nn.Conv2d)
+#: Modules whose batching rules give wrong results under vmap (nn.PReLU: nested vmaps mix the two batch
+#: dimensions); models holding one never get vectorised backward passes.
+VMAP_UNSAFE = (nn.PReLU,)
+#: Normalisation layers y = a_hat * weight + bias whose parameters are per channel (dimension 1 of the output).
+_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+#: Normalisation layers whose parameters run over the trailing ``normalized_shape`` dimensions.
+_TRAILING_NORMS = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
 @dataclass
@@ -45,32 +53,53 @@ class SignalLayer:
     @property
     def unit_dim(self) -> int:
         """The dimension of the module's output (batch first) that indexes its units: features for Linear,
-        channels for Conv2d and BatchNorm."""
-        return -1 if isinstance(self.module, nn.Linear) else 1
+        Embedding and LayerNorm (last), channels for convolutions, BatchNorm and GroupNorm (1)."""
+        return 1 if isinstance(self.module, _CONV + _CHANNEL_NORMS) else -1
 
     def unit_positions(self, units: torch.Tensor) -> torch.Tensor:
         """Where the given output units sit among the signals :func:`layer_signals` keeps for this layer."""
         return units if self.units is None else torch.searchsorted(self.units, units)
 
 
+def _units_of(module: nn.Module, attr: str, idx: torch.Tensor) -> torch.Tensor:
+    """The output unit each wanted flat entry of ``module.<attr>`` belongs to: a Linear weight (out, in) or
+    convolution weight (out, in/groups, *k) entry to its first index, an Embedding weight (V, D) entry to its
+    column, a normalisation layer's entries and every bias entry to their own index."""
+    if attr == "bias":
+        return idx
+    if isinstance(module, nn.Embedding):
+        return idx % module.embedding_dim
+    if isinstance(module, (nn.Linear,) + _CONV):
+        return idx // module.weight[0].numel()
+    return idx
+
+
 def _needed_units(module: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The output units that the wanted weight and bias entries involve (sorted), or None if that is all of them:
-    Linear weight (out, in) and Conv2d weight (out, in, kh, kw) entries belong to their first index, BatchNorm's
-    weight and every bias entry to their own index."""
-    n_units = module.weight.shape[0] if module.weight is not None else module.bias.shape[0]
-    per_unit = module.weight[0].numel() if module.weight is not None else 1
-    parts = ([weight // per_unit] if weight is not None else []) + ([bias] if bias is not None else [])
+    """The output units that the wanted weight and bias entries involve (sorted), or None: more than half of
+    them, or a layer whose signals are kept whole (a grouped convolution, a LayerNorm over more than one
+    dimension)."""
+    if isinstance(module, _CONV) and module.groups > 1:
+        return None
+    if isinstance(module, _TRAILING_NORMS) and len(module.normalized_shape) > 1:
+        return None
+    if isinstance(module, nn.Embedding):
+        n_units = module.embedding_dim
+    else:
+        n_units = module.weight.shape[0] if module.weight is not None else module.bias.shape[0]
+    parts = [_units_of(module, a, i) for a, i in (("weight", weight), ("bias", bias)) if i is not None]
     units = torch.unique(torch.cat(parts))
-    return None if len(units) == n_units else units
+    # keeping most units would save little and cost a gather of the signals (slow along the last dimension)
+    return None if 2 * len(units) > n_units else units
 
 
 def signal_supported(module: nn.Module) -> bool:
-    """Linear, Conv2d (groups 1, zero padding) and BatchNorm with running statistics."""
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+    """Linear, Conv1d / Conv2d (any groups, padding or padding mode), BatchNorm with running statistics,
+    GroupNorm, LayerNorm, RMSNorm and Embedding (without ``max_norm``, which rewrites the weight in forward)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.running_mean is not None and module.running_var is not None
-    return isinstance(module, _SIGNAL_MODULES)
+    if isinstance(module, nn.Embedding):
+        return module.max_norm is None
+    return isinstance(module, (nn.Linear, nn.GroupNorm) + _CONV + _TRAILING_NORMS)
 
 
 def samples_independent(model: nn.Module) -> bool:
@@ -143,13 +172,15 @@ def layer_signals(
     objectives: Callable[[torch.Tensor], Sequence[torch.Tensor]],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One forward pass over the batch with a hook adding a zero tensor (requiring grad) to each signal layer's
-    output and saving its input, then one backward pass per objective w.r.t. those zeros.
+    output and saving its input, then the gradients of each objective w.r.t. those zeros.
 
     ``objectives(output)`` returns scalars, each a sum over the batch of a per-sample quantity. The parameters
     are held constant (only the zeros require grad), so each pass computes the gradients w.r.t. the layer
     outputs and nothing else; as samples do not interact in eval mode, the gradient of the sum at sample b is
-    sample b's own. Returns (output detached, {name: signals (B, n_objectives, *out)}, {name: input (B, *in)}),
-    where a layer with ``units`` keeps only those units' signals (along its ``unit_dim``).
+    sample b's own. Several objectives are differentiated in one backward pass vectorised over them (unless
+    the model holds a module in ``VMAP_UNSAFE``). Returns (output detached, {name: signals (B, n_objectives,
+    *out)}, {name: input (B, *in)}), where a layer with ``units`` keeps only those units' signals (along its
+    ``unit_dim``); the signals may be a strided view.
     """
     const = {n: p.detach() for n, p in model.named_parameters()}
     const.update({n: b.detach() for n, b in model.named_buffers()})
@@ -175,100 +206,383 @@ def layer_signals(
     names = [layer.name for layer in layers]
     if not names:
         return out.detach(), {}, saved
-    # a layer that runs but does not reach the objective (e.g. an auxiliary head) gets zero signals
-    per_objective = [
-        torch.autograd.grad(
-            t, [eps[n] for n in names], retain_graph=i < len(targets) - 1, allow_unused=True, materialize_grads=True
+    inputs = [eps[n] for n in names]
+    signals = {}
+    if len(targets) > 1 and not any(isinstance(m, VMAP_UNSAFE) for m in model.modules()):
+        # all objectives in one backward pass, vectorised over them (torch's is_grads_batched): each layer's
+        # signals come out as (n_objectives, B, *out), so no per-objective copies are stacked
+        grads = torch.autograd.grad(
+            torch.stack(targets),
+            inputs,
+            torch.eye(len(targets), dtype=targets[0].dtype, device=targets[0].device),
+            is_grads_batched=True,
+            allow_unused=True,  # a layer that runs but does not reach the objective (an auxiliary head): zeros
+            materialize_grads=True,
         )
+        for layer, g, e in zip(layers, grads, inputs, strict=True):
+            if g.dim() == e.dim():  # an unused input's materialised zeros lack the objectives' dimension
+                g = g.unsqueeze(0).expand(len(targets), *g.shape)
+            if layer.units is not None:  # on the model's device already (plan_signal_layers puts it there)
+                g = g.index_select(1 + layer.unit_dim % (g.dim() - 1), layer.units)
+            signals[layer.name] = g.transpose(0, 1)  # (B, n_objectives, *out), a view
+        return out.detach(), signals, saved
+    per_objective = [
+        torch.autograd.grad(t, inputs, retain_graph=i < len(targets) - 1, allow_unused=True, materialize_grads=True)
         for i, t in enumerate(targets)
     ]
-    signals = {}
     for i, layer in enumerate(layers):
         grads = [g[i] for g in per_objective]
-        if layer.units is not None:  # on the model's device already (plan_signal_layers puts it there)
+        if layer.units is not None:
             grads = [g.index_select(layer.unit_dim % g.dim(), layer.units) for g in grads]
-        signals[layer.name] = torch.stack(grads, dim=1)
+        # one objective: a view, not a copy
+        signals[layer.name] = grads[0].unsqueeze(1) if len(grads) == 1 else torch.stack(grads, dim=1)
     return out.detach(), signals, saved
+
+
+def _take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, idx)``, or ``t`` itself when ``idx`` is every index in order (no copy)."""
+    n = t.shape[dim]
+    if len(idx) == n and bool((idx == torch.arange(n, device=idx.device)).all()):
+        return t
+    return t.index_select(dim, idx)
+
+
+#: Wanted entries are formed from the whole block of their distinct rows x distinct columns by one batched
+#: matrix product (then gathered) unless that block is more than this many times their number.
+_BLOCK_RATIO = 32
+#: Sparse entries over fewer positions than this are gathered and multiplied elementwise (in pieces of at most
+#: _GATHER_ELEMENTS numbers); over more, one batched matrix product per distinct row.
+_GATHER_POSITIONS = 64
+_GATHER_ELEMENTS = 2**22
 
 
 def gather_products(g: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """out[b, c, k] = sum_l g[b, c, rows[k], l] * u[b, cols[k], l].
 
-    When the wanted (row, col) pairs fill at least a quarter of the block spanned by their distinct rows and
-    distinct columns, every product of that block is formed by one batched matrix product (an outer product for
-    l = 1, e.g. a linear layer) and the wanted entries are gathered from it: at most 4x the output's memory.
-    Sparser sets are grouped by row, one batched matrix product per distinct row (convolutions: l runs over
-    output positions), or gathered and multiplied elementwise when l = 1."""
+    When the block spanned by the wanted (row, col) pairs' distinct rows and distinct columns is at most
+    ``_BLOCK_RATIO`` times their number, every product of that block is formed by one batched matrix product
+    (an outer product for l = 1, e.g. a linear layer) and the wanted entries are gathered from it. Sparser sets
+    are gathered and multiplied elementwise when l is small (l = 1, or a Linear mapped over a few positions),
+    or grouped by row, one batched matrix product per distinct row (convolutions: l runs over positions)."""
     b, c, n_rows, n_pos = g.shape
     distinct_rows, row_pos = torch.unique(rows, return_inverse=True)
     distinct_cols, col_pos = torch.unique(cols, return_inverse=True)
-    n_r, n_c = len(distinct_rows), len(distinct_cols)
-    if 4 * len(rows) >= n_r * n_c:
-        gs = g if n_r == n_rows else g.index_select(2, distinct_rows)
-        us = u if n_c == u.shape[1] else u.index_select(1, distinct_cols)
+    n_r, n_c, k = len(distinct_rows), len(distinct_cols), len(rows)
+    if 2 * n_r > n_rows:  # most rows: the block spans them all, rather than gathering them first
+        distinct_rows, row_pos, n_r = torch.arange(n_rows, device=rows.device), rows, n_rows
+    if 2 * n_c > u.shape[1]:
+        distinct_cols, col_pos, n_c = torch.arange(u.shape[1], device=cols.device), cols, u.shape[1]
+    if n_r * n_c <= _BLOCK_RATIO * k:
+        gs, us = _take(g, 2, distinct_rows), _take(u, 1, distinct_cols)
         if n_pos == 1:
             full = gs[..., 0].unsqueeze(3) * us[:, None, :, 0].unsqueeze(2)  # (B, C, n_r, n_c)
         else:
             full = torch.matmul(gs.reshape(b, c * n_r, n_pos), us.transpose(1, 2))
-        full = full.reshape(b, c, n_r * n_c)
-        flat = row_pos * n_c + col_pos
-        if len(flat) == n_r * n_c and bool((flat == torch.arange(len(flat), device=flat.device)).all()):
-            return full  # the whole block, in order (e.g. a whole weight tensor)
-        return full.index_select(2, flat)
+        return _take(full.reshape(b, c, n_r * n_c), 2, row_pos * n_c + col_pos)
     if n_pos == 1:
         return g[..., 0].index_select(2, rows) * u[:, :, 0].index_select(1, cols).unsqueeze(1)
+    if n_pos < _GATHER_POSITIONS:
+        step = max(1, _GATHER_ELEMENTS // (b * c * n_pos))
+        pieces = [
+            (g.index_select(2, rows[s : s + step]) * u.index_select(1, cols[s : s + step]).unsqueeze(1)).sum(3)
+            for s in range(0, k, step)
+        ]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     order = torch.argsort(rows, stable=True)
     u_sorted = u.index_select(1, cols[order])  # (B, k, L), grouped by row: each group is a contiguous slice
     blocks, start = [], 0
-    for r, n in zip(*torch.unique_consecutive(rows[order], return_counts=True), strict=True):
-        n = int(n)
-        blocks.append(torch.matmul(g[:, :, int(r), :], u_sorted[:, start : start + n, :].transpose(1, 2)))
+    distinct, counts = torch.unique_consecutive(rows[order], return_counts=True)
+    for r, n in zip(distinct.tolist(), counts.tolist(), strict=True):
+        blocks.append(torch.matmul(g[:, :, r, :], u_sorted[:, start : start + n, :].transpose(1, 2)))
         start += n
     return torch.cat(blocks, dim=2).index_select(2, torch.argsort(order))
 
 
-def _batchnorm_normalised(m: nn.modules.batchnorm._BatchNorm, a: torch.Tensor) -> torch.Tensor:
-    shape = (1, -1) + (1,) * (a.dim() - 2)
-    return (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+def _normalised(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """a_hat of a GroupNorm, LayerNorm or RMSNorm y = a_hat * weight + bias, as its forward computes it."""
+    if isinstance(m, nn.GroupNorm):
+        return nn.functional.group_norm(a, m.num_groups, None, None, m.eps)
+    if isinstance(m, nn.LayerNorm):
+        return nn.functional.layer_norm(a, m.normalized_shape, None, None, m.eps)
+    return nn.functional.rms_norm(a, m.normalized_shape, None, m.eps)
 
 
+def _norm_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Normalisation layers: d weight = sum of g * a_hat and d bias = sum of g over every output position
+    that shares the parameter (spatial positions for channel norms; leading dimensions for LayerNorm).
+    BatchNorm in eval mode, a_hat = (a - mean) / sqrt(var + eps) with the running statistics: d weight =
+    (sum g a - mean sum g) / sqrt(var + eps), so a_hat is never formed."""
+    m = layer.module
+    b, c = g.shape[:2]
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(m, _CHANNEL_NORMS):  # parameters along dimension 1
+        g2 = g.reshape(b, c, g.shape[2], -1)  # (B, C, units kept, positions)
+        if layer.weight is not None:
+            gw = _take(g2, 2, layer.unit_positions(layer.weight))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                a_w = _take(a, 1, layer.weight).reshape(b, 1, len(layer.weight), -1)
+                sums = (gw * a_w).sum(3) - m.running_mean[layer.weight] * gw.sum(3)
+                out["weight"] = sums / torch.sqrt(m.running_var[layer.weight] + m.eps)
+            else:
+                a_hat = _take(_normalised(m, a), 1, layer.weight).reshape(b, 1, len(layer.weight), -1)
+                out["weight"] = (gw * a_hat).sum(3)
+        if layer.bias is not None:
+            out["bias"] = _take(g2, 2, layer.unit_positions(layer.bias)).sum(3)
+        return out
+    n_param = m.weight.numel() if m.weight is not None else m.bias.numel()
+    n_kept = n_param if layer.units is None else len(layer.units)
+    g2 = g.reshape(b, c, -1, n_kept)  # (B, C, leading positions, parameter entries kept)
+    if layer.weight is not None:
+        a_hat = _take(_normalised(m, a).reshape(b, 1, -1, n_param), 3, layer.weight)
+        out["weight"] = (_take(g2, 3, layer.unit_positions(layer.weight)) * a_hat).sum(2)
+    if layer.bias is not None:
+        out["bias"] = _take(g2, 3, layer.unit_positions(layer.bias)).sum(2)
+    return out
+
+
+# -- convolutions ------------------------------------------------------------------------------------------------
+def _conv_padding(m: nn.Module) -> list[int]:
+    """The zero (or ``padding_mode``) padding of a Conv1d / Conv2d as F.pad's list for a 2-D input
+    (left, right, top, bottom), a Conv1d being a Conv2d of height 1; ``padding="same"`` puts the odd element on
+    the right / bottom, as PyTorch does."""
+    dims = len(m.kernel_size)
+    if m.padding == "valid":
+        pads = [(0, 0)] * dims
+    elif m.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+        pads = [(t // 2, t - t // 2) for t in totals]
+    else:
+        pads = [(p, p) for p in m.padding]
+    if dims == 1:
+        pads = [(0, 0)] + pads
+    return [pads[1][0], pads[1][1], pads[0][0], pads[0][1]]
+
+
+def _conv_as_2d(m: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The layer's input as (B, in, H, W) with any padding that is not symmetric zeros applied, and the 2-D
+    geometry (kernel, stride, dilation, padding) under which a Conv2d on it equals the layer."""
+    two = (lambda t: tuple(t)) if len(m.kernel_size) == 2 else (lambda t: (1,) + tuple(t))
+    if a.dim() == 3:  # Conv1d: (B, in, T) -> (B, in, 1, T)
+        a = a.unsqueeze(2)
+    pad = _conv_padding(m)
+    if m.padding_mode == "zeros" and pad[0] == pad[1] and pad[2] == pad[3]:
+        padding = (pad[2], pad[0])
+    else:
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        a, padding = nn.functional.pad(a, pad, mode=mode), (0, 0)
+    return a, {"kernel": two(m.kernel_size), "stride": two(m.stride), "dilation": two(m.dilation), "padding": padding}
+
+
+def conv_weight_grads(geom: dict, groups: int, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample, per-objective weight gradients of a 2-D convolution, (B, C, out, in/groups * kh * kw), in
+    the weight's own layout, by one weight-gradient convolution over the whole chunk: the batch is folded into
+    the groups (sample b's input channels are group b's, its C x out signals group b's outputs), so the
+    backend's weight-gradient kernel does the work and no unfolded input is materialised.
+
+    ``a`` (B, in, H, W) as :func:`_conv_as_2d` gives it, ``g`` (B, C, out, H', W'): every output channel,
+    unless ``groups`` is 1 (then any subset of output channels and input channels: those of ``g`` and ``a``)."""
+    b, c, n_out = g.shape[:3]
+    n_in = a.shape[1]
+    kh, kw = geom["kernel"]
+    out_g = n_out // groups
+    if groups == 1:
+        grad_out = g.reshape(1, b * c * n_out, *g.shape[3:])
+    else:  # each group's output channels together: (B, G, C, out/G)
+        grad_out = g.reshape(b, c, groups, out_g, *g.shape[3:]).transpose(1, 2).reshape(1, -1, *g.shape[3:])
+    weight = a.new_zeros(()).expand(b * c * n_out, n_in // groups, kh, kw)  # only its shape is read
+    _, grads, _ = torch.ops.aten.convolution_backward(
+        grad_out.contiguous(),
+        a.reshape(1, b * n_in, *a.shape[2:]),
+        weight,
+        None,
+        list(geom["stride"]),
+        list(geom["padding"]),
+        list(geom["dilation"]),
+        False,
+        [0, 0],
+        b * groups,
+        [False, True, False],
+    )
+    if groups == 1:
+        return grads.reshape(b, c, n_out, -1)
+    return grads.reshape(b, groups, c, out_g, -1).transpose(1, 2).reshape(b, c, n_out, -1)
+
+
+def _signals_2d(g: torch.Tensor) -> torch.Tensor:
+    """A Conv1d's signals (B, C, out, T') as (B, C, out, 1, T'); a Conv2d's as they are."""
+    return g.unsqueeze(3) if g.dim() == 4 else g
+
+
+#: The weight-gradient convolution forms a whole block of entries (rows x input channels x kernel) at a cost
+#: per entry several times below that of the per-row products, so it is used unless the wanted entries fill
+#: less than 1 / _CONV_BLOCK_RATIO of that block.
+_CONV_BLOCK_RATIO = 8
+
+
+def _conv_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Convolutions: d weight[o, j, k] = sum over output positions of g_o times the input patch entry it
+    multiplies (by :func:`conv_weight_grads` on the block of wanted rows and read input channels, or, for
+    sparse sets, by per-row products with the unfolded input), d bias = sum of g over positions."""
+    m = layer.module
+    b, c = g.shape[:2]
+    out: dict[str, torch.Tensor] = {}
+    if layer.weight is not None:
+        a2, geom = _conv_as_2d(m, a)
+        g2 = _signals_2d(g)
+        kk = geom["kernel"][0] * geom["kernel"][1]
+        q_g = m.weight[0].numel()  # in/groups * kk: one output channel's entries
+        rows, within = layer.weight // q_g, layer.weight % q_g
+        if m.groups == 1:
+            distinct_rows = torch.unique(rows)
+            channels = torch.unique(within // kk)
+            block = len(distinct_rows) * len(channels) * kk
+        else:
+            block = m.weight.numel()
+        if block <= _CONV_BLOCK_RATIO * len(layer.weight):
+            if m.groups == 1:
+                kept_rows = layer.unit_positions(distinct_rows)
+                if len(distinct_rows) < g2.shape[2]:
+                    g2 = g2.index_select(2, kept_rows)
+                if len(channels) < m.in_channels:
+                    a2 = a2.index_select(1, channels)
+                full = conv_weight_grads(geom, 1, a2, g2).reshape(b, c, -1)
+                flat = torch.searchsorted(distinct_rows, rows) * (len(channels) * kk)
+                flat = flat + torch.searchsorted(channels, within // kk) * kk + within % kk
+            else:
+                full, flat = conv_weight_grads(geom, m.groups, a2, g2).reshape(b, c, -1), layer.weight
+            out["weight"] = _take(full, 2, flat)
+        else:  # sparse: per-row products with the unfolded input, on the input channels read only
+            cols = (rows // (m.out_channels // m.groups)) * q_g + within  # columns of the whole unfolded input
+            channels = torch.unique(cols // kk)
+            if len(channels) < m.in_channels:
+                a2 = a2.index_select(1, channels)
+                cols = torch.searchsorted(channels, cols // kk) * kk + cols % kk
+            u = nn.functional.unfold(a2, geom["kernel"], geom["dilation"], geom["padding"], geom["stride"])
+            out["weight"] = gather_products(g2.reshape(b, c, g2.shape[2], -1), u, layer.unit_positions(rows), cols)
+    if layer.bias is not None:
+        out["bias"] = _take(g.reshape(b, c, g.shape[2], -1), 2, layer.unit_positions(layer.bias)).sum(3)
+    return out
+
+
+def _conv_squared_norms(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """||d weight||^2 of a convolution: the per-sample gradient G = g U^T formed by the weight-gradient
+    convolution (cost out * q * L per sample and objective, q = in/groups * kh * kw, L output positions), or,
+    for an ungrouped layer with few output positions, through Grams, ||G||^2 = sum_{l,m} (g_l . g_m)(u_l . u_m)
+    (cost L^2 (out + q) by batched matrix products, counted 4x dearer per operation)."""
+    m = layer.module
+    b, c = g.shape[:2]
+    out: dict[str, torch.Tensor] = {}
+    g_flat = g.reshape(b, c, m.out_channels, -1)  # (B, C, out, L)
+    if layer.weight is not None:
+        a2, geom = _conv_as_2d(m, a)
+        q, n_pos = m.weight[0].numel(), g_flat.shape[3]
+        if m.groups == 1 and 4 * n_pos * n_pos * (m.out_channels + q) < m.out_channels * q * n_pos:
+            u = nn.functional.unfold(a2, geom["kernel"], geom["dilation"], geom["padding"], geom["stride"])
+            gram_u = torch.matmul(u.transpose(1, 2), u)  # (B, L, L)
+            gram_g = torch.matmul(g_flat.transpose(2, 3), g_flat)  # (B, C, L, L)
+            out["weight"] = (gram_g * gram_u.unsqueeze(1)).sum((2, 3))
+        else:
+            out["weight"] = conv_weight_grads(geom, m.groups, a2, _signals_2d(g)).pow(2).sum((2, 3))
+    if layer.bias is not None:
+        out["bias"] = g_flat.sum(3).pow(2).sum(2)
+    return out
+
+
+# -- embeddings --------------------------------------------------------------------------------------------------
+def _token_weights(m: nn.Embedding, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Per-token factors of an Embedding's weight gradient (B, T), or None if all are 1: 0 at ``padding_idx``
+    (PyTorch leaves that row's gradient zero), 1 / (count of the token in its sample) with
+    ``scale_grad_by_freq`` (the frequency within the sample, as a per-sample backward pass sees it)."""
+    if m.padding_idx is None and not m.scale_grad_by_freq:
+        return None
+    w = torch.ones(idx.shape, dtype=dtype, device=idx.device)
+    if m.scale_grad_by_freq:
+        counts = (idx.unsqueeze(2) == idx.unsqueeze(1)).sum(2)  # (B, T): occurrences of each token in its sample
+        w = w / counts.to(dtype)
+    if m.padding_idx is not None:
+        w = w.masked_fill(idx == m.padding_idx, 0)
+    return w
+
+
+def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Embedding y_t = W[i_t]: d W[v, j] = sum over tokens t with i_t = v of g_t[j] (times the token factors).
+    Each token whose row v holds wanted entries adds its signal's wanted columns to those entries: one gather
+    and one scatter-add over the (token, wanted entry of its row) pairs, nothing per vocabulary row."""
+    m = layer.module
+    b, c = g.shape[:2]
+    k = len(layer.weight)
+    tokens = idx.reshape(b, -1)  # (B, T)
+    g2 = g.reshape(b, c, tokens.shape[1], -1)  # (B, C, T, columns kept)
+    # wanted entries are sorted by flat index, so grouped by row: row r's entries are starts[r] .. + counts[r]
+    vocab_rows, counts = torch.unique_consecutive(layer.weight // m.embedding_dim, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    where = torch.searchsorted(vocab_rows, tokens.contiguous()).clamp_max(len(vocab_rows) - 1)
+    hit = vocab_rows[where] == tokens
+    if m.padding_idx is not None:  # that row's gradient is zero
+        hit &= tokens != m.padding_idx
+    sample, position = hit.nonzero(as_tuple=True)  # the tokens whose row has wanted entries
+    rows = where[sample, position]
+    per_token = counts[rows]
+    token = torch.repeat_interleave(torch.arange(len(rows), device=g.device), per_token)  # one per pair
+    first = torch.repeat_interleave(torch.cumsum(per_token, 0) - per_token, per_token)
+    entry = starts[rows][token] + torch.arange(len(token), device=g.device) - first  # the pair's wanted entry
+    cols = layer.unit_positions(layer.weight % m.embedding_dim)
+    values = g2[sample[token], :, position[token], cols[entry]]  # (pairs, C)
+    if m.scale_grad_by_freq:
+        values = values * _token_weights(m, tokens, g.dtype)[sample, position][token].unsqueeze(1)
+    out = g.new_zeros(b * k, c).index_add_(0, sample[token] * k + entry, values)
+    return {"weight": out.view(b, k, c).transpose(1, 2)}
+
+
+def _embedding_squared_norms(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """||d W||^2 = sum over distinct tokens v of a sample of ||sum_{t: i_t = v} g_t||^2: the signals summed per
+    (sample, token) pair (at most B x T rows, never the V x D gradient), squared, summed per sample."""
+    m = layer.module
+    b, c = g.shape[:2]
+    tokens = idx.reshape(b, -1)
+    n_tok = tokens.shape[1]
+    g_tok = g.reshape(b, c, n_tok, -1).transpose(1, 2).reshape(b * n_tok, c, -1)  # (B*T, C, D)
+    factors = _token_weights(m, tokens, g.dtype)
+    if factors is not None:
+        g_tok = g_tok * factors.reshape(-1, 1, 1)
+    keys = tokens + torch.arange(b, device=tokens.device).unsqueeze(1) * m.num_embeddings
+    pairs, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+    sums = g_tok.new_zeros(len(pairs), c, g_tok.shape[2]).index_add_(0, inverse, g_tok)
+    per_sample = g.new_zeros(b, c).index_add_(0, pairs // m.num_embeddings, sums.pow(2).sum(2))
+    return {"weight": per_sample}
+
+
+def per_sample_block(layer: SignalLayer) -> int:
+    """The most numbers one sample and objective's closed form forms at once for this layer: its weight (a
+    convolution's weight-gradient block, a Linear's outer product), or for an Embedding one signal per token
+    (its V x D gradient is never formed)."""
+    m = layer.module
+    if isinstance(m, nn.Embedding):
+        return int(np.prod(layer.out_shape[1:])) if layer.out_shape else m.embedding_dim
+    return int(m.weight.numel()) if m.weight is not None else 0
+
+
+# -- dispatch ----------------------------------------------------------------------------------------------------
 def layer_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Wanted entries (B, C, k) of d objective / d weight and d bias, from the layer's input ``a`` (B, *in)
     and the signals ``g`` = d objective_c / d output (B, C, *out), C objectives, holding only the layer's
     ``units`` if it has them (as :func:`layer_signals` gives them)."""
     m = layer.module
+    if isinstance(m, _CONV):
+        return _conv_entries(layer, a, g)
+    if isinstance(m, nn.Embedding):
+        return _embedding_entries(layer, a, g)
+    if not isinstance(m, nn.Linear):
+        return _norm_entries(layer, a, g)
     b, c = g.shape[:2]
     out: dict[str, torch.Tensor] = {}
-    if isinstance(m, nn.Linear):
-        a2 = a.reshape(b, -1, m.in_features)  # (B, T, in): T > 1 when the layer maps over extra dimensions
-        g2 = g.reshape(b, c, -1, g.shape[-1])  # (B, C, T, units kept)
-        if layer.weight is not None:
-            rows = layer.unit_positions(layer.weight // m.in_features)
-            out["weight"] = gather_products(g2.transpose(2, 3), a2.transpose(1, 2), rows, layer.weight % m.in_features)
-        if layer.bias is not None:
-            out["bias"] = g2.index_select(3, layer.unit_positions(layer.bias)).sum(2)
-        return out
-    g2 = g.reshape(b, c, g.shape[2], -1)  # (B, C, units kept, positions)
-    if isinstance(m, nn.Conv2d):
-        if layer.weight is not None:
-            per_channel = m.kernel_size[0] * m.kernel_size[1]
-            q = m.in_channels * per_channel
-            cols = layer.weight % q
-            channels = torch.unique(cols // per_channel)
-            if len(channels) < m.in_channels:  # unfold only the input channels the wanted entries read
-                a = a.index_select(1, channels)
-                cols = torch.searchsorted(channels, cols // per_channel) * per_channel + cols % per_channel
-            u = nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, in'*kh*kw, L)
-            out["weight"] = gather_products(g2, u, layer.unit_positions(layer.weight // q), cols)
-        if layer.bias is not None:
-            out["bias"] = g2.index_select(2, layer.unit_positions(layer.bias)).sum(3)
-        return out
-    # BatchNorm in eval mode: y = (a - mean) / sqrt(var + eps) * weight + bias, per channel (dimension 1)
+    a2 = a.reshape(b, -1, m.in_features)  # (B, T, in): T > 1 when the layer maps over extra dimensions
+    g2 = g.reshape(b, c, -1, g.shape[-1])  # (B, C, T, units kept)
     if layer.weight is not None:
-        a_hat = _batchnorm_normalised(m, a).index_select(1, layer.weight).reshape(b, 1, len(layer.weight), -1)
-        out["weight"] = (g2.index_select(2, layer.unit_positions(layer.weight)) * a_hat).sum(3)
+        rows = layer.unit_positions(layer.weight // m.in_features)
+        out["weight"] = gather_products(g2.transpose(2, 3), a2.transpose(1, 2), rows, layer.weight % m.in_features)
     if layer.bias is not None:
-        out["bias"] = g2.index_select(2, layer.unit_positions(layer.bias)).sum(3)
+        out["bias"] = _take(g2, 3, layer.unit_positions(layer.bias)).sum(2)
     return out
 
 
@@ -276,35 +590,24 @@ def layer_squared_norms(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) ->
     """Squared L2 norms (B, C) of the *whole* per-sample gradients of the layer's weight and bias (those of its
     tensors that ``layer`` wants), without forming what a closed form avoids.
 
-    Linear with one input vector per sample: ||g a^T||^2 = ||g||^2 ||a||^2. Conv2d: the per-sample weight
-    gradient G = g U^T (out x in*kh*kw) either formed by one batched matrix product (cost out * q * L per sample
-    and objective) or, when cheaper, through Grams, ||G||^2 = sum_{l,m} (g_l . g_m)(u_l . u_m) (cost
-    L^2 (out + q)); L output positions, q = in*kh*kw. BatchNorm and biases: their (small) entries.
+    Linear with one input vector per sample: ||g a^T||^2 = ||g||^2 ||a||^2. Convolutions: see
+    :func:`_conv_squared_norms`. Embedding: per-token sums, never the V x D gradient. Normalisation layers,
+    a Linear mapped over extra dimensions and biases: their (small) entries.
     ``layer`` must want every unit (``units`` None): a squared norm of a whole tensor needs all its signals."""
     if layer.units is not None:
         raise ValueError(f"layer {layer.name!r} keeps only some units' signals; whole-gradient norms need all")
     m = layer.module
     b, c = g.shape[:2]
-    out: dict[str, torch.Tensor] = {}
     if isinstance(m, nn.Linear) and a.reshape(b, -1, m.in_features).shape[1] == 1:
         g2 = g.reshape(b, c, m.out_features)
+        out: dict[str, torch.Tensor] = {}
         if layer.weight is not None:
             out["weight"] = g2.pow(2).sum(2) * a.reshape(b, 1, m.in_features).pow(2).sum(2)
         if layer.bias is not None:
             out["bias"] = g2.pow(2).sum(2)
         return out
-    if isinstance(m, nn.Conv2d) and layer.weight is not None:
-        u = nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, q, L)
-        g2 = g.reshape(b, c, m.out_channels, -1)  # (B, C, out, L)
-        q, n_pos = u.shape[1], u.shape[2]
-        if n_pos * n_pos * (m.out_channels + q) < m.out_channels * q * n_pos:
-            gram_u = torch.matmul(u.transpose(1, 2), u)  # (B, L, L)
-            gram_g = torch.matmul(g2.transpose(2, 3), g2)  # (B, C, L, L)
-            out["weight"] = (gram_g * gram_u.unsqueeze(1)).sum((2, 3))
-        else:
-            full = torch.matmul(g2.reshape(b, c * m.out_channels, n_pos), u.transpose(1, 2))  # (B, C*out, q)
-            out["weight"] = full.reshape(b, c, -1).pow(2).sum(2)
-        if layer.bias is not None:
-            out["bias"] = g2.sum(3).pow(2).sum(2)
-        return out
+    if isinstance(m, _CONV):
+        return _conv_squared_norms(layer, a, g)
+    if isinstance(m, nn.Embedding):
+        return _embedding_squared_norms(layer, a, g)
     return {attr: v.pow(2).sum(2) for attr, v in layer_entries(layer, a, g).items()}

@@ -33,6 +33,13 @@ class StrategySummary:
     labels_to_target: float | None = None
     labels_to_target_vs_random: float | None = None
     minority_labeled_mean: list[float | None] = field(default_factory=list)
+    # imbalance metrics per round (None for stores written before they were recorded)
+    macro_f1_mean: list[float | None] = field(default_factory=list)
+    worst_class_recall_mean: list[float | None] = field(default_factory=list)
+    classes_labeled_mean: list[float | None] = field(default_factory=list)
+    minority_label_share_mean: list[float | None] = field(default_factory=list)
+    balanced_aubc: float | None = None
+    balanced_aubc_std: float | None = None
 
 
 def _mean(values: list[float]) -> float | None:
@@ -96,12 +103,22 @@ def summarize(cfg: ExperimentConfig, store: Store, target: float | None = None) 
             failed_runs=failed,
             incomplete_runs=incomplete,
             minority_labeled_mean=minority_labeled,
+            macro_f1_mean=[_mean(v) for v in series("macro_f1")],
+            worst_class_recall_mean=[_mean(v) for v in series("worst_class_recall")],
+            classes_labeled_mean=[_mean(v) for v in series("classes_labeled")],
+            minority_label_share_mean=[_mean(v) for v in series("minority_label_share")],
         )
         per_run_aubc = [
             aubc([per_run[r][k].n_labeled for k in rounds], [per_run[r][k].accuracy for k in rounds]) for r in complete
         ]
         per_run_aubc = [a for a in per_run_aubc if a is not None]
         summary.aubc, summary.aubc_std = _mean(per_run_aubc), _std(per_run_aubc)
+        per_run_bal = [
+            aubc([per_run[r][k].n_labeled for k in rounds], [per_run[r][k].balanced_accuracy for k in rounds])
+            for r in complete
+        ]
+        per_run_bal = [a for a in per_run_bal if a is not None]
+        summary.balanced_aubc, summary.balanced_aubc_std = _mean(per_run_bal), _std(per_run_bal)
         if target is not None and all(v is not None for v in summary.accuracy_mean):
             summary.labels_to_target = labels_to_target(labels, summary.accuracy_mean, target)
         out[s.label] = summary
@@ -134,6 +151,12 @@ def report_json(cfg: ExperimentConfig, summaries: dict[str, StrategySummary]) ->
             "labels_to_target": s.labels_to_target,
             "labels_to_target_vs_random": s.labels_to_target_vs_random,
             "minority_labeled_mean": s.minority_labeled_mean,
+            "balanced_aubc": s.balanced_aubc,
+            "balanced_aubc_std": s.balanced_aubc_std,
+            "macro_f1_mean": s.macro_f1_mean,
+            "worst_class_recall_mean": s.worst_class_recall_mean,
+            "classes_labeled_mean": s.classes_labeled_mean,
+            "minority_label_share_mean": s.minority_label_share_mean,
         }
     return {
         "experiment": cfg.name,
@@ -164,6 +187,7 @@ def report_text(cfg: ExperimentConfig, summaries: dict[str, StrategySummary]) ->
         vsr = _fmt(s.labels_to_target_vs_random, pct=False, digits=2)
         mino = "—" if not s.minority_recall_mean else _fmt(s.minority_recall_mean[-1])
         lines.append(f"{key:<28} {status:>5} {aubc_s:>11} {ltt:>10} {vsr:>9} {mino:>20}")
+    lines += _imbalance_table(summaries)
     lines.append("")
     lines.append("test accuracy % (mean ± std over runs) per round; n = runs with that round")
     for key, s in summaries.items():
@@ -179,3 +203,27 @@ def report_text(cfg: ExperimentConfig, summaries: dict[str, StrategySummary]) ->
         for run in s.incomplete_runs:
             lines.append(f"    run {run} incomplete")
     return "\n".join(lines)
+
+
+def _last(values: list[float | None]) -> float | None:
+    return values[-1] if values else None
+
+
+def _imbalance_table(summaries: dict[str, StrategySummary]) -> list[str]:
+    """Balanced-accuracy AUBC and the last round's imbalance metrics (on the test set; label counts of the
+    labeled set); empty for stores that predate these metrics."""
+    if not any(any(v is not None for v in s.macro_f1_mean) for s in summaries.values()):
+        return []
+    header = (
+        f"{'strategy':<28} {'bal. AUBC':>11} {'macro-F1':>9} {'worst rec.':>10} {'classes lab.':>12} "
+        f"{'minority share':>14}"
+    )
+    lines = ["", "imbalance metrics (last round; test set, labeled-set counts)", header, "-" * len(header)]
+    for key, s in summaries.items():
+        bal = "—" if s.balanced_aubc is None else f"{100 * s.balanced_aubc:.1f}±{100 * (s.balanced_aubc_std or 0):.1f}"
+        classes = _last(s.classes_labeled_mean)
+        lines.append(
+            f"{key:<28} {bal:>11} {_fmt(_last(s.macro_f1_mean)):>9} {_fmt(_last(s.worst_class_recall_mean)):>10} "
+            f"{_fmt(classes, pct=False):>12} {_fmt(_last(s.minority_label_share_mean)):>14}"
+        )
+    return lines

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from ..data.arrays import iter_batches
+from ..data.arrays import dataset_labels, iter_batches
 from ..errors import ActivelabError
 from ..models.introspection import eval_mode, model_device
 from .augment import augment_batch
@@ -36,14 +36,39 @@ def _as_indices(indices: np.ndarray, what: str) -> np.ndarray:
     return indices
 
 
+def inverse_frequency_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class weights n / (C' n_c) over the C' classes present (mean weight 1 per sample); 0 for absent ones."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
+def prior_offset(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """log of the labeled class frequencies (add-one smoothed): subtracted from the logits it corrects a
+    classifier trained on a skewed labeled set towards a uniform class prior (logit adjustment)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64) + 1.0
+    return np.log(counts / counts.sum())
+
+
 @torch.no_grad()
 def _predict(
-    model: nn.Module, dataset: Dataset, indices: np.ndarray, batch_size: int, device: torch.device
+    model: nn.Module,
+    dataset: Dataset,
+    indices: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    logit_offset: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     preds, labels = [], []
+    offset = None if logit_offset is None else torch.as_tensor(logit_offset, dtype=torch.float32, device=device)
     with eval_mode(model):
         for x, y in iter_batches(dataset, indices, batch_size):
-            preds.append(model(x.to(device)).argmax(1).cpu())
+            out = model(x.to(device))
+            if offset is not None:
+                out = out - offset
+            preds.append(out.argmax(1).cpu())
             labels.append(torch.as_tensor(y))
     if not preds:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -56,16 +81,18 @@ def evaluate(
     indices: np.ndarray,
     batch_size: int = 1024,
     device: torch.device | str | None = None,
+    logit_offset: np.ndarray | None = None,
 ) -> np.ndarray:
     """Predicted labels (argmax of the logits) of ``dataset[indices]``, in order; eval mode, no gradients.
 
     ``device``: where to run (the model is moved there); default: where the model's parameters are. The
-    model's train/eval flags are restored afterwards.
+    model's train/eval flags are restored afterwards. ``logit_offset`` (C,) is subtracted from the logits first
+    (the prior correction: :func:`prior_offset`).
     """
     indices = _as_indices(indices, "evaluation")
     if device is not None:
         model.to(torch.device(device))
-    return _predict(model, dataset, indices, batch_size, model_device(model))[0]
+    return _predict(model, dataset, indices, batch_size, model_device(model), logit_offset)[0]
 
 
 def accuracy(
@@ -114,7 +141,15 @@ class StandardTrainer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to minimise, logits) of one batch; ``epoch`` is 0-based. Subclasses add terms here."""
         logits = model(x)
-        return F.cross_entropy(logits, y), logits
+        return self.classification_loss(logits, y), logits
+
+    def classification_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy, weighted per class when ``cfg.class_weights`` is set (weights fixed by :meth:`fit`)."""
+        weight = getattr(self, "_class_weight", None)
+        if weight is None:
+            return F.cross_entropy(logits, y)
+        w = weight.to(logits.device)[y]
+        return (F.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum()
 
     def fit(
         self,
@@ -163,6 +198,11 @@ class StandardTrainer:
         scheduler = build_scheduler(optimizer, cfg)
         fill = _pad_fill(dataset) if cfg.augment != "none" else None
         n = len(indices)
+        self._class_weight = None
+        if getattr(cfg, "class_weights", "none") == "inverse_frequency":
+            y_train = dataset_labels(dataset)[indices]
+            num_classes = getattr(dataset, "num_classes", None) or int(y_train.max()) + 1
+            self._class_weight = torch.as_tensor(inverse_frequency_weights(y_train, num_classes), dtype=torch.float32)
 
         history: list[dict] = []
         seconds = eval_seconds = 0.0
@@ -209,6 +249,7 @@ class StandardTrainer:
         if bar is not None:
             bar.close()
         model.train(was_training)
+        self._class_weight = None
 
         val_accuracy: float | None = None
         if cfg.select_by == "validation":
