@@ -283,13 +283,19 @@ def asking_strategy():
 def test_sub_batches_asked_during_the_selection_are_labeled_on_the_page(project, asking_strategy):
     project.teach([b["id"] for b in project.batch()[:6]], project.classes * 2)
     project.fit()
-    with pytest.raises(ActivelabError, match="asks for labels during the selection"):
+    with pytest.raises(ActivelabError, match="asks for labels of its own picks"):
         project.query(4, asking_strategy)
     # the notebook: an oracle function answers with class names; the answers are stored as labels
     picks = project.query(4, asking_strategy, oracle=lambda fids: ["square"] * len(fids))
     asked = [b["id"] for b in picks[:2]]
     assert all(project.store.history(f)[-1]["who"] == "oracle" for f in asked)
     assert project.store.rounds()[-1]["info"]["answers"] == [1, 1]
+    # a real sub-batch strategy: GALAXY asks one image at a time
+    answered = []
+    project.query(4, "galaxy", oracle=lambda fids: answered.extend(fids) or ["circle"] * len(fids))
+    info = project.store.rounds()[-1]["info"]
+    assert info["oracle_calls"] >= 1 and info["oracle_asked"] == len(answered) > 0
+    assert all(project.labels()[f] == "circle" for f in answered)
     # the page: the job shows the asked images and waits for their labels
     server, thread, url = _start_thread_server(project.folder)
     try:

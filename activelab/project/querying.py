@@ -160,7 +160,7 @@ def run_query(
                 info["fallback_reason"] = "no trained model yet: label this batch, then train"
             used, params, instance = "random", {}, build_strategy("random")
         pool_oracle = None
-        if oracle is not None and instance.uses_oracle:
+        if oracle is not None and instance.uses_oracle:  # without one, the strategy decides (ctx.has_oracle)
 
             def pool_oracle(indices: np.ndarray) -> list[int]:
                 fids = [ids[int(i)] for i in indices]
@@ -180,11 +180,6 @@ def run_query(
                     project.store.add_labels(new, who="oracle", source="oracle", round_=round_no)
                 return [index[name] for name in names]
 
-        elif instance.uses_oracle:
-            raise ActivelabError(
-                f"strategy {strategy!r} asks for labels during the selection: label on the page (activelab serve), "
-                "or pass oracle=fn(file_ids) -> class names to Project.query"
-            )
         picked, scores, notes = _select(instance, model, pool, labeled, n, validation, seed, device, pool_oracle)
         info.update(notes)
         if info.get("fallback") and used != "random":
