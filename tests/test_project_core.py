@@ -245,3 +245,17 @@ def test_cli_project_commands(tmp_path, images):
     assert r.exit_code == 2 and "unknown class 'hexagon'" in r.output
     r = run(main, ["project", "init", proj, "--images", str(images)])
     assert r.exit_code == 2 and "already holds a project" in r.output
+
+
+def test_index_after_a_kill_mid_append_cuts_the_torn_tail(tmp_path, images):
+    p = make(tmp_path, images)
+    with open(p.pixels_path, "ab") as f:  # a kill during an append: part of a record, no database row
+        f.write(b"\x01" * (p.transform.nbytes // 2))
+    write_demo_images(tmp_path / "more", per_class=0, unlabeled=3, size=12, seed=5)
+    for f in sorted((tmp_path / "more").glob("*.png")):
+        shutil.copy(f, images / f"new_{f.name}")
+    assert p.index()["new"] == 3
+    assert p.pixels_path.stat().st_size % p.transform.nbytes == 0
+    for row in p.store.files():
+        fresh = S.ImageTransform.apply(p.transform, open(row["path"], "rb").read())
+        assert np.array_equal(np.asarray(p.pixels()[row["row"]]), fresh), row["path"]
