@@ -259,3 +259,9 @@ def test_index_after_a_kill_mid_append_cuts_the_torn_tail(tmp_path, images):
     for row in p.store.files():
         fresh = S.ImageTransform.apply(p.transform, open(row["path"], "rb").read())
         assert np.array_equal(np.asarray(p.pixels()[row["row"]]), fresh), row["path"]
+
+
+def test_class_folders_must_be_classes(tmp_path, images):
+    with pytest.raises(ActivelabError, match=r"sub-folders \['triangle'\] that are not classes"):
+        Project.init(tmp_path / "p", images=images, classes=["circle", "square"])
+    assert not (tmp_path / "p" / "project.db").exists()
