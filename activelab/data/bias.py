@@ -7,7 +7,7 @@ Kinds (``BiasConfig.kind``), with ``n_c`` the number of images of class ``c`` av
 
 ``none``
     every image, or a uniform random subsample of ``pool_size`` images.
-``step`` (FK, METHODS.md 1.7)
+``step`` (FK's protocol; docs/methods.md, Protocols)
     the majority classes keep all their images; ``int(N_major / r)`` images are drawn uniformly from the
     *union* of the minority classes (``minority``, default the upper half of the classes:
     ``classes[ceil(C/2):]``, i.e. 5..9 of 10), so per-class minority counts vary from draw to draw, as in the

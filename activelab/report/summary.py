@@ -131,7 +131,7 @@ def summarize(cfg: ExperimentConfig, store: Store, target: float | None = None) 
 
 
 def report_json(cfg: ExperimentConfig, summaries: dict[str, StrategySummary]) -> dict:
-    """The DESIGN.md report schema (per-round lists for the *_mean series)."""
+    """The report schema of ``activelab report --json`` (see the README): per-round lists for the *_mean series."""
     strategies = {}
     for key, s in summaries.items():
         strategies[key] = {
