@@ -173,10 +173,17 @@ async function refresh() {
   } else {
     // other tabs' labels: take the server's state where it is newer than ours
     const byId = new Map(fresh.map((it) => [it.id, it]));
+    const here = items[cursor];
+    const wasOpen = here && (!here.kind || here.kind === "clear");
     items.forEach((it) => {
       const s = byId.get(it.id);
       if (s && (s.seq || 0) > (it.seq || 0)) { it.kind = s.kind; it.label = s.label; it.seq = s.seq; }
     });
+    if (wasOpen && here.kind && here.kind !== "clear") {
+      // another tab labeled the image under our cursor: move on to the next open one
+      const next = items.findIndex((x, j) => j > cursor && (!x.kind || x.kind === "clear"));
+      if (next >= 0) cursor = next;
+    }
   }
   if (asking) {
     $("round-info").textContent = `The strategy asks for ${items.length} labels now (sub-batch ${state.job.asked_round}); it picks the rest of the batch from your answers.`;
