@@ -265,3 +265,9 @@ def test_class_folders_must_be_classes(tmp_path, images):
     with pytest.raises(ActivelabError, match=r"sub-folders \['triangle'\] that are not classes"):
         Project.init(tmp_path / "p", images=images, classes=["circle", "square"])
     assert not (tmp_path / "p" / "project.db").exists()
+
+
+def test_a_project_inside_its_images_folder_is_not_indexed(tmp_path, images):
+    p = Project.init(images / "proj", images=images, size=12, model="digits_cnn", train=TRAIN)
+    p.export(images / "proj" / "tree")  # pictures inside the project folder
+    assert p.index()["new"] == 0 and p.status()["files"] == 48

@@ -250,6 +250,8 @@ class Project:
                         items.append((str(full), c))
                 else:
                     array_sources.append(s["path"])
+            inside = str(self.folder) + os.sep  # the project folder inside the images folder: never indexed
+            items = [(p, c) for p, c in items if not p.startswith(inside)]
             bad = self._index_files(items, counts, workers)
             for path in array_sources:
                 self._index_arrays(path, counts)
