@@ -37,7 +37,7 @@ def _select(
     The engine that ``activelab.select`` runs, called directly because ``select`` hands back indices and scores
     but not the strategy's notes (``fallback`` and its reason, which the project must record and show).
     """
-    from ..api import resolve_device
+    from ..inference.device import resolve_device
     from ..query.engine import RoundSeed
     from ..query.engine import run_query as engine_query
 
