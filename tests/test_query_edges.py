@@ -60,10 +60,14 @@ def test_unknown_labels_of_labeled_samples_are_a_clear_error():
     targets = pool.targets.copy()
     targets[:] = -1
     with pytest.raises(ActivelabError, match=r"labeled samples.*-1"):
-        activelab.select("margin", _model(), pool.with_labels(targets), labeled=[1, 2], budget=4, wrap=["class_balanced"])
+        activelab.select(
+            "margin", _model(), pool.with_labels(targets), labeled=[1, 2], budget=4, wrap=["class_balanced"]
+        )
     targets[:] = 9  # beyond the model's 4 classes
     with pytest.raises(ActivelabError, match=r"labeled samples.*\[0, 4\)"):
-        activelab.select("margin", _model(), pool.with_labels(targets), labeled=[1, 2], budget=4, wrap=["class_balanced"])
+        activelab.select(
+            "margin", _model(), pool.with_labels(targets), labeled=[1, 2], budget=4, wrap=["class_balanced"]
+        )
 
 
 def test_stochastic_around_a_wrapper_says_which_order_works():
@@ -92,5 +96,7 @@ def test_select_on_cpu_leaves_a_queued_cuda_seed_alone():
     torch.manual_seed(7)
     before = list(tracker.get_calls())
     activelab.select("var_ratio", _model(), make_pool(), labeled=[0], budget=3, mc_samples=2)
-    activelab.select("vaal", _model(), make_pool(), labeled=[0], budget=3, iterations=2, batch_size=8, width=8, hidden=16)
+    activelab.select(
+        "vaal", _model(), make_pool(), labeled=[0], budget=3, iterations=2, batch_size=8, width=8, hidden=16
+    )
     assert tracker.get_calls() == before
