@@ -233,6 +233,11 @@ class Stochastic(Wrapper):
     example_params = {"mode": "rank"}
 
     def __init__(self, base: Strategy, **params) -> None:
+        if isinstance(base, Wrapper):
+            raise ActivelabError(
+                f"the stochastic wrapper samples a scoring strategy's scores and cannot wrap {base.label!r}: "
+                "list 'stochastic' before the other wrappers (wrap=['stochastic', ('subsample', {...})])"
+            )
         if not isinstance(base, ScoreStrategy):
             raise ActivelabError(
                 f"the stochastic wrapper needs a scoring strategy (one that ranks candidates by a score); "
