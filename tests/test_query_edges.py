@@ -93,10 +93,9 @@ def test_select_on_cpu_leaves_a_queued_cuda_seed_alone():
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         pytest.skip("CUDA is already initialised: nothing is queued")
     tracker = torch.cuda._lazy_seed_tracker
+    pool, models = make_pool(), [_model(), _model()]
     torch.manual_seed(7)
     before = list(tracker.get_calls())
-    activelab.select("var_ratio", _model(), make_pool(), labeled=[0], budget=3, mc_samples=2)
-    activelab.select(
-        "vaal", _model(), make_pool(), labeled=[0], budget=3, iterations=2, batch_size=8, width=8, hidden=16
-    )
+    activelab.select("margin", models[0], pool, labeled=[0], budget=3)
+    activelab.select("vaal", models[1], pool, labeled=[0], budget=3, iterations=2, batch_size=8, width=8, hidden=16)
     assert tracker.get_calls() == before
