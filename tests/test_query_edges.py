@@ -99,3 +99,21 @@ def test_select_on_cpu_leaves_a_queued_cuda_seed_alone():
     activelab.select("margin", models[0], pool, labeled=[0], budget=3)
     activelab.select("vaal", models[1], pool, labeled=[0], budget=3, iterations=2, batch_size=8, width=8, hidden=16)
     assert tracker.get_calls() == before
+
+
+def test_class_balanced_scores_every_pick_even_of_a_class_taken_whole():
+    """A predicted class whose quota takes all its candidates is picked whole; its scores are still recorded,
+    so return_scores never shows NaN for a returned sample of a scoring strategy."""
+    pool, labeled = make_pool(), np.arange(0, 60, 5)
+    model = _model()
+    unl = np.setdiff1d(np.arange(60), labeled)
+    x, _ = pool.batch(unl)
+    with torch.no_grad():
+        pred = model.eval()(x).argmax(1).numpy()
+    counts = np.bincount(pred, minlength=4)
+    budget = int(counts[counts > 0].min()) * int((counts > 0).sum())  # the smallest class is taken whole
+    assert budget < len(unl)
+    idx, scores = activelab.select(
+        "margin", model, pool, labeled=labeled, budget=budget, wrap=["class_balanced"], return_scores=True
+    )
+    assert np.all(np.isfinite(scores[idx]))

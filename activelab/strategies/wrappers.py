@@ -138,8 +138,10 @@ class ClassBalanced(Wrapper):
 
     Complexity: one forward pass over the candidates (shared with the base strategy), then the base strategy
     on each class's candidates. Edge cases: a class with no predicted candidate gets no quota (its share moves
-    to the others); a base strategy that needs more candidates than a class has (e.g. BAIT's 2b) sees only
-    that class's candidates.
+    to the others); a class whose quota takes all its candidates is picked whole without running the base (a
+    scoring base still records its scores there); a base strategy that needs more candidates than a class has
+    (e.g. BAIT's 2b) sees only that class's candidates (and BAIT estimates the pool's Fisher from them); round
+    notes the base writes under the same key in several classes keep the last class's value.
     """
 
     name = "class_balanced"
@@ -156,7 +158,10 @@ class ClassBalanced(Wrapper):
         picks = []
         for k in np.flatnonzero(quotas):
             members = np.flatnonzero(predicted == k)
-            if quotas[k] == len(members):
+            if quotas[k] == len(members):  # taken whole: no selection to run, but a scoring base still scores it
+                if isinstance(self.base, ScoreStrategy):
+                    child = ctx.restrict(members)
+                    child.set_scores(self.base.scores(child, rng))
                 picks.append(members)
                 continue
             inner = np.asarray(self.base.run(ctx.restrict(members), int(quotas[k]), rng), dtype=np.int64)
