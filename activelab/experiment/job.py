@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..api import resolve_device
 from ..config import ExperimentConfig, StrategyConfig
 from ..data.arrays import dataset_labels
 from ..data.pool_state import PoolState
 from ..errors import StopRound
+from ..inference.device import resolve_device
 from ..metrics import round_metrics
 from ..query.engine import RoundSeed, run_query
 from ..strategies.base import Strategy

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..api import resolve_device
 from ..config import load_config
+from ..inference.device import resolve_device
 from .layout import Layout
 from .runner import experiment_lock, parse_runs, prepare_directory
 from .setup import ensure_initial_model, prepare_run

@@ -30,8 +30,8 @@ def check_strategies(cfg: ExperimentConfig) -> None:
 def preflight(cfg: ExperimentConfig) -> None:
     """Check strategies, device, dataset, bias, budget and model on run 0 (its data built once) and the first
     batch through a freshly built model; raises an :class:`ActivelabError` naming the problem."""
-    from ..api import resolve_device
     from ..data.contract import check_model_and_data
+    from ..inference.device import resolve_device
     from ..strategies.wrappers import build_strategy
     from ..train import get_trainer
     from .setup import new_model, prepare_run
