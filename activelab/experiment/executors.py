@@ -221,7 +221,3 @@ class RayExecutor(Executor):
         finally:
             if connected:
                 ray.shutdown()
-
-
-def default_threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // workers)
