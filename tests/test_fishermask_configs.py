@@ -1,4 +1,4 @@
-"""The FisherMask protocol configs load, validate, and say what METHODS.md section 3 says."""
+"""The FisherMask protocol configs load, validate, and say what docs/methods.md (FisherMask protocol) says."""
 
 from __future__ import annotations
 

@@ -294,8 +294,9 @@ def iter_masked_fisher_embeddings(
     ``method="signals"`` (default): per-sample, per-class gradients of log p with respect to each masked layer's
     *output* (one batched backward pass per class w.r.t. a zero tensor a hook adds to the output; samples do not
     interact in eval mode, so the gradient of the batch sum at a sample is its own), and the layer's input; the
-    masked weight entries are then products of the two (Linear: g_o a_j; Conv2d: sum over positions of g_o
-    times the unfolded input; BatchNorm in eval mode: sum of g times the normalised input), so neither weight
+    masked weight entries are then products of the two (Linear: g_o a_j; convolutions: sum over positions of g_o
+    times the input patch; normalisation layers: sum of g times the normalised input; Embedding: sum of g over
+    the tokens of that row; see :mod:`activelab.inference.signals`), so neither weight
     gradients nor the per-sample Jacobian (C x P per sample) are ever formed. Tensors of other modules (or of
     modules called more than once) are differentiated directly with ``vmap(jacrev)``. A model whose BatchNorm
     uses batch statistics in eval mode gets the Jacobian method. ``method="jacobian"``: the full per-sample,

@@ -7,10 +7,10 @@ chunk of samples takes one batched pass, by one of two methods:
 
 - ``"signals"`` (default): one forward and one backward pass of the chunk's summed entropy, asking autograd
   only for the gradients at each layer's output (the signals); each layer's per-sample weight-gradient norm
-  is then formed from its input and its signal (:mod:`activelab.inference.signals`: Linear in closed form,
-  Conv2d by a batched matrix product or through Gram matrices, whichever is cheaper). Needs every
-  differentiated tensor to belong to a Linear, Conv2d (groups 1) or eval-mode BatchNorm called once per
-  forward pass; otherwise the call falls back to ``"vmap"``.
+  is then formed from its input and its signal (:mod:`activelab.inference.signals`: Linear, Conv1d / Conv2d
+  (any groups, padding), BatchNorm (eval mode), GroupNorm, LayerNorm, RMSNorm and Embedding, each in closed
+  form). Needs every differentiated tensor to belong to such a layer, called once per forward pass;
+  otherwise the call falls back to ``"vmap"``.
 - ``"vmap"``: ``vmap(grad(H))`` from ``torch.func``, any model; it materialises a chunk of per-sample
   gradients.
 
@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
-from ..models.introspection import classifier_name, eval_mode, model_device
+from ..models.introspection import auxiliary_prefixes, classifier_name, eval_mode, model_device
 from .signals import (
     SignalLayer,
     layer_signals,
@@ -45,17 +45,14 @@ NORMS: tuple[str, ...] = ("per_tensor_sum", "global", "last_layer")
 Method = Literal["signals", "vmap"]
 METHODS: tuple[str, ...] = ("signals", "vmap")
 
-#: Parameters under these module prefixes are not part of the backbone (the loss-prediction head).
-AUXILIARY_PREFIXES: tuple[str, ...] = ("loss_module.",)
-
 #: Budget for one chunk of per-sample gradients when ``chunk_size`` is not given.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
-def backbone_parameters(
-    model: nn.Module, exclude: tuple[str, ...] = AUXILIARY_PREFIXES, trainable_only: bool = True
-) -> dict[str, torch.Tensor]:
-    """The model's (trainable) parameters by name, without auxiliary heads (e.g. ``loss_module``)."""
+def backbone_parameters(model: nn.Module, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+    """The model's (trainable) parameters by name, without the training-only heads its trainer declared
+    (:func:`~activelab.models.introspection.mark_auxiliary`, e.g. the loss-prediction module)."""
+    exclude = auxiliary_prefixes(model)
     return {
         name: p
         for name, p in model.named_parameters()
@@ -122,7 +119,7 @@ def entropy_gradient_norms(
         method: ``"signals"`` (layer signals, one backward pass per chunk; falls back to ``"vmap"`` for models
             it does not cover) or ``"vmap"`` (torch.func per-sample gradients); both give the same scores.
 
-    Parameters of ``model.loss_module`` (the loss-prediction head) are never part of theta.
+    Parameters of training-only heads (the loss-prediction module) are never part of theta.
     Complexity: signals, one forward and one backward pass per chunk plus, per layer and sample, the cheaper
     of out x q x L and L^2 (out + q) multiply-adds for a convolution (L positions, q = in x kh x kw); vmap,
     about one forward and one backward pass per sample, batched.

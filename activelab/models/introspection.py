@@ -123,3 +123,20 @@ def pool_activation(act: torch.Tensor) -> torch.Tensor:
     if act.ndim < 2:
         raise ActivelabError(f"a tapped activation must have a batch and a channel dimension; got {act.shape}")
     return act if act.ndim == 2 else act.flatten(2).mean(dim=2)
+
+
+#: Attribute listing a model's training-only heads (e.g. a loss-prediction module): their parameters are not
+#: part of the model's backbone theta for per-sample gradients.
+AUXILIARY_ATTR = "auxiliary_modules"
+
+
+def mark_auxiliary(model: nn.Module, name: str) -> None:
+    """Declare the submodule ``name`` a training-only head of ``model`` (see :func:`auxiliary_prefixes`)."""
+    names = tuple(getattr(model, AUXILIARY_ATTR, ()))
+    if name not in names:
+        object.__setattr__(model, AUXILIARY_ATTR, (*names, name))
+
+
+def auxiliary_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the heads declared with :func:`mark_auxiliary`."""
+    return tuple(f"{name}." for name in getattr(model, AUXILIARY_ATTR, ()))

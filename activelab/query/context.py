@@ -35,12 +35,6 @@ def _key(indices: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 @dataclass
 class _Rows:
     """Forward outputs for a set of samples of one dataset, found again by sample index."""
@@ -328,6 +322,8 @@ class QueryContext:
     def probs(self, subset: Subset = "candidates") -> np.ndarray:
         """Softmax probabilities (N, C) float64."""
         which, _, idx = self._dataset(subset)
+        from ..inference.forward import softmax
+
         return self._cached(("probs", which, _key(idx)), lambda: softmax(self.logits(subset).astype(np.float64)))
 
     def embeddings(self, subset: Subset = "candidates") -> np.ndarray:

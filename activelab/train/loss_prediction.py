@@ -28,7 +28,15 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
-from ..models.introspection import TapCapture, classifier_name, eval_mode, model_device, named_module, pool_activation
+from ..models.introspection import (
+    TapCapture,
+    classifier_name,
+    eval_mode,
+    mark_auxiliary,
+    model_device,
+    named_module,
+    pool_activation,
+)
 from .supervised import StandardTrainer
 
 if TYPE_CHECKING:
@@ -219,6 +227,7 @@ class LossPredictionTrainer(StandardTrainer):
             named_module(model, name)
         module = LossPredictionModule(taps, tap_channels(model, taps), self.hidden)
         setattr(model, MODULE_ATTR, module.to(model_device(model)))
+        mark_auxiliary(model, MODULE_ATTR)
 
     def training_loss(self, model, x, y, epoch, cfg):
         ce, lpl, logits = joint_loss(model, x, y, epoch, cfg)
