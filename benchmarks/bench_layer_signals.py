@@ -249,7 +249,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1024, help="samples of the batched methods and floors")
     parser.add_argument("--loop-n", type=int, default=128, help="samples the loops run on (scaled to --n)")
     parser.add_argument("--chunk", type=int, default=256, help="chunk of the gradient norms and their floor")
-    parser.add_argument("--fisher-chunk", type=int, default=64, help="chunk of the Fisher embeddings and floor")
+    parser.add_argument("--fisher-chunk", type=int, default=32, help="chunk of the Fisher embeddings and floor")
     parser.add_argument("--mask-pct", type=float, default=0.05, help="share of each non-classifier tensor masked")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/bench_layer_signals.txt")
