@@ -16,6 +16,9 @@ jobs share the CPU), all methods interleaved in one process and the whole set re
   sample, on ``--loop-n`` samples, scaled) and the floor: one forward and C backward passes per chunk to the
   masked layers' outputs (what the signal method runs before its closed forms).
 
+Chunks: 256 samples for the gradient norms and 32 for the Fisher embeddings by default, the largest the
+automatic choices take (``--chunk``, ``--fisher-chunk``; each floor runs at its method's chunk).
+
 ``ceiling`` = loop / floor: what an exact batched method built on backpropagation can reach at best;
 ``share`` = (loop / batched) / ceiling = floor / batched, the share of the ceiling the method reaches
 (target: >= 0.5). Every table cell is the median of the repeats with the range (min-max) beside it.
