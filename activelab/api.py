@@ -10,15 +10,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .errors import ActivelabError
+from .inference.device import resolve_device
 from .query.engine import RoundSeed, run_query
 from .strategies.wrappers import WrapSpec, build_strategy
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ActivelabError("device='cuda' was asked for but CUDA is not available here; use device='cpu'")
-    return device
 
 
 def labeled_array(pool_size: int, labeled: Sequence[int] | np.ndarray | None) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,8 +19,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ActivelabError
-from ..strategies.base import Strategy
 from .context import Oracle, QueryContext
+
+if TYPE_CHECKING:
+    from ..strategies.base import Strategy
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,21 @@ class Similarity:
             cos *= self.a @ other.a[j].T
         return (cos + 1.0) / 2.0
 
+    @classmethod
+    def concatenate(cls, parts: list[Similarity]) -> Similarity:
+        """The rows of several sets (of the same kind: all gradient or all feature embeddings) as one."""
+        out = cls.__new__(cls)
+        out.h = np.concatenate([p.h for p in parts])
+        out.a = None if parts[0].a is None else np.concatenate([p.a for p in parts])
+        return out
+
+    def take(self, rows: np.ndarray) -> Similarity:
+        """The given rows only."""
+        out = Similarity.__new__(Similarity)
+        out.h = self.h[rows]
+        out.a = None if self.a is None else self.a[rows]
+        return out
+
     def diagonal(self) -> np.ndarray:
         cos = np.einsum("ij,ij->i", self.h, self.h)
         if self.a is not None:
@@ -212,23 +227,17 @@ class Similar(Strategy):
         rare = rare_classes(lab_y, ctx.num_classes, p.rare_classes, p.rare_share)
         parts = []
         if len(lab_y) and np.isin(lab_y, rare).any():
-            keep = np.isin(lab_y, rare)
-            q = self._factors(ctx, "labeled", lab_y)
-            parts.append((q.h[keep], None if q.a is None else q.a[keep]))
+            parts.append(self._factors(ctx, "labeled", lab_y).take(np.flatnonzero(np.isin(lab_y, rare))))
         if _has_validation(ctx):
             val_y = np.asarray(ctx.validation_labels(), dtype=np.int64)
-            keep = np.isin(val_y, rare)
-            if keep.any():
-                q = self._factors(ctx, "validation", val_y)
-                parts.append((q.h[keep], None if q.a is None else q.a[keep]))
+            if np.isin(val_y, rare).any():
+                parts.append(self._factors(ctx, "validation", val_y).take(np.flatnonzero(np.isin(val_y, rare))))
         ctx.info["similar_rare_classes"] = rare.tolist()
-        ctx.info["similar_query_size"] = int(sum(len(h) for h, _ in parts))
+        ctx.info["similar_query_size"] = int(sum(len(q.h) for q in parts))
         if not parts:
             ctx.info["similar_fallback"] = "empty query set: random batch"
             return rng.choice(len(ctx.candidates), budget, replace=False).astype(np.int64)
-        query = Similarity.__new__(Similarity)
-        query.h = np.concatenate([h for h, _ in parts])
-        query.a = None if parts[0][1] is None else np.concatenate([a for _, a in parts])
+        query = Similarity.concatenate(parts)
         pool = self._factors(ctx, "candidates", None)
         return smi_select(p.function, pool, query, budget, p.eta, p.lam, p.ridge)
 
