@@ -227,11 +227,24 @@ class QueryContext:
         return self._labels_of("validation")
 
     def labeled_labels(self) -> np.ndarray:
-        """Labels of the labeled set (known by definition)."""
-        return self._labels_of("pool")[self.labeled]
+        """Labels of the labeled set (known by definition: the pool's y of a labeled sample must be a class)."""
+        labels = self._labels_of("pool")[self.labeled]
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ActivelabError(
+                f"{self.strategy_name} reads the labels of the labeled samples, but the pool gives them "
+                f"{labels.min()}..{labels.max()}, outside the classes [0, {self.num_classes}): put the known labels "
+                "of labeled samples in the pool's y (-1 is fine for unlabeled ones)"
+            )
+        return labels
+
+    @staticmethod
+    def _pool_subset(subset: str) -> None:
+        if subset not in ("candidates", "labeled"):
+            raise ActivelabError(f"subset must be 'candidates' or 'labeled' here; got {subset!r}")
 
     def pool_labels(self, subset: Literal["candidates", "labeled"] = "candidates") -> np.ndarray:
         """True labels of pool samples: only for oracle ablations (``reads_pool_labels``)."""
+        self._pool_subset(subset)
         if subset == "labeled":
             return self.labeled_labels()
         if not self._allow_pool_labels:
@@ -241,6 +254,7 @@ class QueryContext:
     def user_embeddings(self, subset: Literal["candidates", "labeled"] = "candidates") -> np.ndarray | None:
         """Rows of the embedding array the caller passed for the whole pool (``select(..., embeddings=...)``),
         or None when none was passed."""
+        self._pool_subset(subset)
         if self._user_embeddings is None:
             return None
         return self._user_embeddings[self.candidates if subset == "candidates" else self.labeled]
