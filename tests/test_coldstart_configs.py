@@ -38,7 +38,6 @@ def test_first_round_and_stop_options_leave_other_fingerprints_alone():
     assert parse_config(first).strategies[0].label == "typiclust@3>margin"
     with pytest.raises(Exception, match="stop_set"):
         parse_config({**base, "loop": {**base["loop"], "stop_when": {"stabilizing_kappa": 0.99}}})
-    # strategy names are checked by the experiment layer before the first job, not by the schema
     from activelab.experiment.validate import check_strategies
 
     with pytest.raises(Exception, match="unknown strategy"):
