@@ -117,3 +117,23 @@ def test_class_balanced_scores_every_pick_even_of_a_class_taken_whole():
         "margin", model, pool, labeled=labeled, budget=budget, wrap=["class_balanced"], return_scores=True
     )
     assert np.all(np.isfinite(scores[idx]))
+
+
+@pytest.mark.parametrize("wrap", [["class_balanced"], [("subsample", {"size": 30}), "class_balanced"]])
+def test_the_oracle_ledger_spans_wrappers(wrap):
+    """galaxy asks inside each class's child context: the asked samples are exactly the returned ones, and
+    the round notes count them once."""
+    from activelab.query.engine import RoundSeed, run_query
+    from activelab.strategies.wrappers import build_strategy
+
+    pool, labeled, asked = make_pool(), np.arange(0, 60, 5), []
+
+    def oracle(idx):
+        asked.append(idx.copy())
+        return pool.targets[idx]
+
+    out = run_query(
+        build_strategy("galaxy", {}, wrap), _model(), pool, labeled, 8, RoundSeed.from_int(0), oracle=oracle
+    )
+    assert sorted(np.concatenate(asked).tolist()) == sorted(out.indices.tolist())
+    assert out.info["oracle_asked"] == 8 and sorted(out.asked.tolist()) == sorted(out.indices.tolist())
