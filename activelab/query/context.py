@@ -14,8 +14,7 @@ shares its parent's cache: rows the parent already computed are sliced, never re
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,24 +25,11 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import dataset_labels
 from ..errors import ActivelabError
+from ..inference.device import seeded_torch
 from ..models.introspection import classifier_name, model_device, named_module, tap_names
 
 Subset = Literal["candidates", "labeled", "validation"]
 Oracle = Callable[[np.ndarray], Sequence[int]]
-
-
-@contextmanager
-def seeded_torch(seed: int, devices: Sequence[torch.device | int] = ()) -> Iterator[None]:
-    """Seed torch's CPU generator and the given (initialised) CUDA devices' generators, and restore them all on
-    exit. Unlike ``torch.manual_seed`` it never queues a seed for CUDA devices not initialised yet (that would
-    replace the caller's own queued seed and outlive the block)."""
-    devices = list(devices)
-    with torch.random.fork_rng(devices=devices):
-        torch.random.default_generator.manual_seed(int(seed))
-        for d in devices:
-            index = d if isinstance(d, int) else (d.index if d.index is not None else torch.cuda.current_device())
-            torch.cuda.default_generators[index].manual_seed(int(seed))
-        yield
 
 
 def _key(indices: np.ndarray) -> str:

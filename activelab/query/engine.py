@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ActivelabError
-from .context import Oracle, QueryContext, seeded_torch
+from ..inference.device import seeded_torch
+from .context import Oracle, QueryContext
 
 if TYPE_CHECKING:
     from ..strategies.base import Strategy
