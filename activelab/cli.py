@@ -4,21 +4,50 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import click
 
-from .errors import ActivelabError
+from .errors import ActivelabError, ActivelabWarning
 
 
 class _Group(click.Group):
-    """Print user errors (bad config, missing data, ...) as one clear message, without a traceback."""
+    """Print user errors (bad config, missing data, a bad option, ...) as one ``error:`` message without a
+    traceback, exit status 2; a failed run exits with 1."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ActivelabWarning)
+                try:
+                    return super().invoke(ctx)
+                finally:
+                    for w in caught:
+                        if issubclass(w.category, ActivelabWarning):
+                            click.echo(f"warning: {w.message}", err=True)
+                        else:
+                            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         except ActivelabError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+
+    def main(self, *args, **kwargs):
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,7 +109,12 @@ def run(config, out, workers, runs, executor, ray_address, cpus_per_job, quiet) 
 @main.command()
 @click.argument("exp_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print the machine-readable report")
-@click.option("--target", type=float, default=None, help="target accuracy (0-1) for labels-to-target")
+@click.option(
+    "--target",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="target accuracy (0-1) for labels-to-target",
+)
 def report(exp_dir, as_json, target) -> None:
     """Print the summary table of an experiment directory."""
     from .experiment.runner import load_experiment
@@ -92,12 +126,12 @@ def report(exp_dir, as_json, target) -> None:
     stopping = stopping_summary(cfg, store)
     store.close()
     if as_json:
-        out = report_json(cfg, summaries)
+        out = report_json(cfg, summaries, target)
         if stopping:
             out["stopping"] = stopping
         click.echo(json.dumps(out, indent=2))
     else:
-        click.echo(report_text(cfg, summaries))
+        click.echo(report_text(cfg, summaries, target))
         if stopping:
             click.echo("\n" + stopping_text(cfg, stopping))
 
@@ -106,7 +140,12 @@ def report(exp_dir, as_json, target) -> None:
 @click.argument("exp_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="figure folder (default EXP_DIR/figures)")
 @click.option("--strategies", help="comma-separated strategy keys (default: all)")
-@click.option("--target", type=float, default=None, help="annotate labels saved at this accuracy (0-1)")
+@click.option(
+    "--target",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="annotate labels saved at this accuracy (0-1)",
+)
 @click.option("--highlight", default=None, help="the strategy whose label savings are annotated")
 @click.option("--versus", default=None, help="comma-separated strategies --highlight is compared with (default: all)")
 @click.option("--reference", type=float, default=None, help="whole-pool accuracy line (0-1)")

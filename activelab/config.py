@@ -1,7 +1,11 @@
 """The experiment configuration: one YAML file, validated with pydantic.
 
-Every section rejects unknown keys, and every error names the valid keys or values, so a typo never runs a
-different experiment than the one written down.
+Every section rejects unknown keys, a key written twice in one mapping is an error naming both lines, and every
+error names the valid keys or values, so a typo never runs a different experiment than the one written down.
+
+This module knows the schema only: strategy names and parameters are checked by the experiment layer
+(:func:`activelab.experiment.validate.check_strategies`) before the first job, so a strategy of the user's own
+(``module:attr``) is resolved where it runs.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ class LoopConfig(_Section):
     budget: int = Field(ge=1, description="labels acquired per round")
     rounds: int = Field(ge=1, description="acquisition rounds")
     runs: int = Field(1, ge=1, description="independent runs (pool, split, initial set and weights re-drawn)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="the experiment's seed (every random stream derives from it)")
     target_accuracy: float | None = Field(None, gt=0, le=1, description="for labels_to_target in reports")
     query_batch_size: int = Field(512, ge=1, description="batch size of the strategies' model passes")
     keep_checkpoints: Literal["all", "last"] = Field(
@@ -211,19 +215,28 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _check_strategies(self) -> ExperimentConfig:
-        from .strategies.wrappers import build_strategy
-
         labels = [s.label for s in self.strategies]
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise ValueError(f"strategies {dupes} appear twice: give each variant a distinct key")
-        for s in self.strategies:
-            build_strategy(s.name, s.params, [w.model_dump() for w in s.wrap])  # raises with the valid names
-            if s.first_round:
-                build_strategy(s.first_round.name, s.first_round.params)
         if self.train.select_by == "validation" and self.validation.per_class == 0:
             raise ValueError("train.select_by: validation needs validation.per_class > 0")
         return self
+
+    def shared_fingerprint(self) -> str:
+        """:meth:`fingerprint` without the strategies: what every job of the experiment shares. Two configs with
+        the same shared fingerprint may differ in their strategy lists (an experiment can gain strategies)."""
+        data = self.model_dump(
+            mode="json",
+            exclude={
+                "name": True,
+                "description": True,
+                "threads": True,
+                "strategies": True,
+                "loop": {"keep_checkpoints", "runs"},
+            },
+        )
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def fingerprint(self) -> str:
         """A hash of everything that changes results. The name, description and thread count do not; nor does
@@ -299,13 +312,51 @@ def parse_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
         raise ConfigError(f"invalid config {source}: {exc}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated in one mapping is an error (YAML says keys are unique;
+    PyYAML silently keeps the last, so a second ``train:`` section would reset the first to defaults)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class raises its own error for an unhashable key
+            if key in seen:
+                raise ConfigError(
+                    f"{self._source}: key {key!r} appears twice in one mapping (line {seen[key]} and line "
+                    f"{key_node.start_mark.line + 1}): keep one of them"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+    _source = "<yaml>"
+
+
+def parse_yaml(text: str, source: str = "<yaml>") -> object:
+    """Parse YAML text with the unique-key safe loader; a syntax error becomes a ConfigError."""
+    loader = None
+    try:
+        loader = _UniqueKeyLoader(text)
+        loader._source = source
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {source} is not valid YAML: {exc}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
 def load_config(path: str | Path) -> ExperimentConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
-    return parse_config(data, str(path))
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder: give the YAML file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config {path} cannot be read: {exc}") from None
+    return parse_config(parse_yaml(text, str(path)), str(path))

@@ -11,3 +11,15 @@ class DatasetNotFoundError(ActivelabError, FileNotFoundError):
 
 class ConfigError(ActivelabError):
     """An experiment configuration is invalid."""
+
+
+class StopRound(ActivelabError):
+    """A round cannot be committed (training diverged, a damaged file): the job fails, other jobs go on."""
+
+
+class ExperimentBusyError(ActivelabError):
+    """Another process is writing to the experiment directory."""
+
+
+class ActivelabWarning(UserWarning):
+    """Something the user should know that does not stop the work (a changed setting that is not used)."""

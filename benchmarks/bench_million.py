@@ -84,7 +84,8 @@ def child(args) -> dict:
     torch.manual_seed(0)
     pool, validation = make_pool(args.n)
     labeled = np.arange(args.labeled, dtype=np.int64)
-    model = make_model()
+    device = torch.device(args.device)
+    model = make_model().to(device)
     cls = get_strategy(args.child)
     trainer = get_trainer(cls.training)
     trainer.prepare(model)
@@ -92,19 +93,20 @@ def child(args) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(2):
         for s in range(0, len(labeled), 50):
-            xb, yb = pool.batch(labeled[s : s + 50])
+            xb, yb = (t.to(device) for t in pool.batch(labeled[s : s + 50]))
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(xb), yb).backward()
             opt.step()
     model.eval()
     params = json.loads(args.params).get(args.child, {})
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     forward_pass(model, pool, np.arange(args.n), args.batch_size)
-    forward_s = time.perf_counter() - t
+    forward_s, forward_cpu = time.perf_counter() - t, time.process_time() - c
     base = rss_mb()
     reset_peak_rss()
     row = {"strategy": args.child, "params": params, "n": args.n, "forward_s": forward_s, "base_mb": base}
-    t = time.perf_counter()
+    row["forward_cpu"] = forward_cpu
+    t, c = time.perf_counter(), time.process_time()
     try:
         picked = activelab.select(
             args.child,
@@ -114,7 +116,10 @@ def child(args) -> dict:
             budget=args.budget,
             validation=validation,
             seed=0,
+            device=device,
             batch_size=args.batch_size,
+            # in-round oracle for the strategies that ask for labels during the selection (galaxy, direct)
+            oracle=(lambda idx: pool.y[torch.as_tensor(idx)].numpy()) if getattr(cls, "uses_oracle", False) else None,
             **params,
         )
         row["status"] = "ok"
@@ -122,7 +127,7 @@ def child(args) -> dict:
     except ActivelabError as exc:
         row["status"] = "refused"
         row["message"] = str(exc)
-    row["query_s"] = time.perf_counter() - t
+    row["query_s"], row["query_cpu"] = time.perf_counter() - t, time.process_time() - c
     row["peak_mb"] = peak_rss_mb()
     return row
 
@@ -130,7 +135,7 @@ def child(args) -> dict:
 def run_child(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--budget", str(args.budget)]
     cmd += ["--labeled", str(args.labeled), "--batch-size", str(args.batch_size), "--params", args.params]
-    cmd += ["--threads", str(args.threads)]
+    cmd += ["--threads", str(args.threads), "--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     start, peak_kb, why = time.time(), 0, None
@@ -160,21 +165,32 @@ def table(rows: list[dict], args) -> str:
     lines = [
         f"bench_million: n = {args.n:,} (32-d synthetic, MLP 32-64-64-10 with dropout), {args.labeled:,} labeled, "
         f"budget {args.budget}, batch {args.batch_size}, {args.threads} torch thread(s), each strategy in its own "
-        "process; peak = VmHWM of that process (Python + torch + pool + model); shared machine (noisy)",
+        "process; peak = VmHWM of that process (Python + torch + pool + model; the pool alone is "
+        f"{args.n * D * 4 / 2**20:.0f} MB); time ratios are of CPU seconds (one thread), since the machine was "
+        "shared with other jobs (wall times are inflated by waiting for a CPU)",
         f"command: python benchmarks/bench_million.py {' '.join(sys.argv[1:])}".rstrip(),
         "",
-        f"{'strategy':<18} {'status':<9} {'peak RSS MB':>11} {'query s':>9} {'forward s':>9} {'x forward':>9}  note",
+        f"{'strategy':<18} {'status':<8} {'peak RSS MB':>11} {'query CPU s':>11} {'wall s':>7} {'fwd CPU s':>9} "
+        f"{'x forward':>9}  note",
     ]
     for r in rows:
-        fwd = r.get("forward_s")
-        ratio = f"{r['query_s'] / fwd:9.1f}" if fwd and r["status"] == "ok" else f"{'-':>9}"
-        fwd_s = f"{fwd:9.2f}" if fwd else f"{'-':>9}"
+        on_cpu = args.device == "cpu"
+        fwd = r.get("forward_cpu" if on_cpu else "forward_s")
+        ok = r["status"] == "ok"
+        ratio = r["query_cpu" if on_cpu else "query_s"] / fwd if fwd and ok else None
         status = r["status"] if r["status"] in ("ok", "refused") else "FAILED"
         note = r.get("message", "") if r["status"] == "refused" else ("" if status == "ok" else r["status"])
-        if r.get("params"):
-            note = f"params {r['params']} " + note
+        params = r.get("params") or {}
+        if params:
+            note = f"params {params}. " + note
+        default_k = 128
+        if ratio is not None and "mc_samples" in params and params["mc_samples"] != default_k:
+            scale = default_k / params["mc_samples"]
+            note += f"K = {default_k} (default): {ratio * scale:.0f}x a forward pass (passes scale linearly)"
+        query_cpu = f"{r['query_cpu']:11.1f}" if "query_cpu" in r else f"{'-':>11}"
         lines.append(
-            f"{r['strategy']:<18} {status:<9} {r['peak_mb']:11.0f} {r['query_s']:9.1f} {fwd_s} {ratio}  {note[:160]}"
+            f"{r['strategy']:<18} {status:<8} {r['peak_mb']:11.0f} {query_cpu} {r['query_s']:7.1f} "
+            f"{fwd if fwd else float('nan'):9.2f} {ratio if ratio is not None else float('nan'):9.1f}  {note[:200]}"
         )
     return "\n".join(lines)
 
@@ -186,6 +202,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]: model passes there (times: wall on CUDA)")
     parser.add_argument("--strategies", default=None, help="comma-separated (default: every registered one)")
     parser.add_argument("--params", default="{}", help='JSON {"strategy": {param: value}} overriding defaults')
     parser.add_argument("--limit-gb", type=float, default=4.0)

@@ -47,10 +47,14 @@ def test_bad_value_names_valid_values():
 
 
 def test_unknown_strategy_and_parameter():
+    """The schema does not know strategies (a plugin strategy resolves where it runs); the experiment layer
+    checks them before the first job."""
+    from activelab.experiment.validate import check_strategies
+
     with pytest.raises(ConfigError, match="unknown strategy 'nope'; available: .*entropy"):
-        parse_config(_with(strategies=[{"name": "nope"}]))
+        check_strategies(parse_config(_with(strategies=[{"name": "nope"}])))
     with pytest.raises(ConfigError, match="Valid parameters"):
-        parse_config(_with(strategies=[{"name": "entropy", "params": {"k": 1}}]))
+        check_strategies(parse_config(_with(strategies=[{"name": "entropy", "params": {"k": 1}}])))
 
 
 def test_duplicate_strategy_variants_need_keys():
@@ -78,8 +82,11 @@ def test_yaml_errors_are_config_errors(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
+    from activelab.experiment.validate import check_strategies
+
     cfg = load_config(path)
     assert cfg.strategies
+    check_strategies(cfg)
 
 
 def test_cli_help_and_datasets():

@@ -251,17 +251,41 @@ def test_missing_dataset_names_files_and_folders(tmp_path, monkeypatch):
         load_split("mnist", "train", root=str(root), download=False)
     msg = str(info.value)
     assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ActivelabError)
-    for needle in (
-        "train-images-idx3-ubyte.gz",
-        "train-labels-idx1-ubyte.gz",
-        str(root),
-        str(tmp_path / "xdg" / "activelab" / "mnist"),
-        str(tmp_path / "system" / "mnist"),
-        "ACTIVELAB_DATA",
-        "download: false",
-    ):
+    for needle in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", str(root), "download: false"):
         assert needle in msg, needle
     assert "t10k" not in msg
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_split("mnist", "train", download=False)
+    msg = str(info.value)
+    for needle in (str(tmp_path / "xdg" / "activelab" / "mnist"), str(tmp_path / "system" / "mnist"), "ACTIVELAB_DATA"):
+        assert needle in msg, needle
+
+
+def test_a_root_without_the_files_never_falls_back_to_another_copy(tmp_path):
+    write_mnist(tmp_path / "system" / "mnist", seed=1)
+    assert len(load_split("mnist", "train", download=False)) > 0  # the system copy is found without a root
+    with pytest.raises(DatasetNotFoundError, match=r"only|dataset\.root") as info:
+        load_split("mnist", "train", root=str(tmp_path / "empty"), download=False)
+    assert str(tmp_path / "system") not in str(info.value)
+    assert sources.split_location("mnist", "train") == str(tmp_path / "system" / "mnist")
+
+
+def test_cifar_batches_cannot_run_code(tmp_path):
+    """A crafted batch whose unpickling would call a function is refused before anything runs."""
+    write_cifar(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": [0]}, f)
+    with pytest.raises(ActivelabError, match=r"test_batch.*refusing posix\.system|refusing os\.system"):
+        load_split("cifar10", "test", root=str(tmp_path), download=False)
+    assert not marker.exists()
+    assert len(load_split("cifar10", "train", root=str(tmp_path), download=False)) > 0  # honest batches load
 
 
 def test_failed_download_is_a_clean_error(tmp_path, monkeypatch):

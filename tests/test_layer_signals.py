@@ -204,3 +204,64 @@ def test_embedding_padding_row_and_frequency_scaling():
     expected[:, 2] = 2 * g_out / 2  # two occurrences, scaled by 1/2
     expected[:, 3] = g_out
     np.testing.assert_allclose(got, expected.reshape(3, 10).numpy(), rtol=1e-6, atol=1e-7)  # float32 output
+
+
+class SparseNet(nn.Module):
+    """Layers big enough that very sparse masks take the per-entry paths: a conv over 64 positions (per-row
+    products), a grouped conv (columns of the whole unfolded input) and a Linear mapped over 8 positions
+    (elementwise gathers)."""
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 80, 3, padding=1)
+        self.grouped = nn.Conv2d(80, 16, 3, padding=1, groups=2)
+        self.rows = nn.Linear(128, 128)
+        self.fc = nn.Linear(128, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.grouped(torch.tanh(self.conv(torch.tanh(self.stem(x))))))  # (B, 16, 8, 8)
+        h = torch.tanh(self.rows(h.permute(0, 2, 1, 3).reshape(len(x), 8, 128)))  # (B, 8 positions, 128)
+        return self.fc(h.mean(dim=1))
+
+
+def test_sparse_masks_take_the_per_entry_paths_and_equal_the_loop(monkeypatch):
+    """40 entries on distinct rows and columns of the conv and the mapped Linear, 4 of the grouped conv: each
+    layer's block of rows x columns is more than 32x its entries, so the per-row products (conv), the columns
+    of the whole unfolded input (grouped conv) and elementwise gathers (Linear) run instead of the
+    weight-gradient convolution (checked by counting), and equal the loop in float64."""
+    import activelab.inference.signals as signals
+
+    torch.manual_seed(0)
+    model = SparseNet().double().eval()
+    pool = torch.utils.data.TensorDataset(
+        torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64),
+        torch.zeros(4, dtype=torch.long),
+    )
+    i = torch.arange(40)
+    indices = {
+        "conv.weight": i * 72 + (i % 8) * 9 + i // 8,  # rows 0-39, distinct (input channel, kernel entry)
+        "grouped.weight": torch.arange(4) * 4 * 360 + 7,  # rows 0, 4, 8, 12 (both groups)
+        "rows.weight": i * 128 + 3 * i,  # rows 0-39, columns 0, 3, ..., 117
+        "fc.weight": torch.arange(512),
+    }
+    mask = FisherMask(tuple(indices), tuple(indices.values()), "fc.weight", False)
+    calls = {"unfold": 0, "weight_grads": 0}
+    real_unfold, real_grads = nn.functional.unfold, signals.conv_weight_grads
+
+    def counting(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(nn.functional, "unfold", counting("unfold", real_unfold))
+    monkeypatch.setattr(signals, "conv_weight_grads", counting("weight_grads", real_grads))
+    got = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, np.arange(4), mask, 2)]).numpy()
+    assert calls == {"unfold": 4, "weight_grads": 0}  # two sparse conv layers, two chunks
+    grads, _ = _loop_log_prob_grads(model, pool, np.arange(4))
+    expected = torch.cat([grads[n][:, :, idx] for n, idx in indices.items()], dim=2).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())

@@ -245,3 +245,29 @@ def test_cli_project_commands(tmp_path, images):
     assert r.exit_code == 2 and "unknown class 'hexagon'" in r.output
     r = run(main, ["project", "init", proj, "--images", str(images)])
     assert r.exit_code == 2 and "already holds a project" in r.output
+
+
+def test_index_after_a_kill_mid_append_cuts_the_torn_tail(tmp_path, images):
+    p = make(tmp_path, images)
+    with open(p.pixels_path, "ab") as f:  # a kill during an append: part of a record, no database row
+        f.write(b"\x01" * (p.transform.nbytes // 2))
+    write_demo_images(tmp_path / "more", per_class=0, unlabeled=3, size=12, seed=5)
+    for f in sorted((tmp_path / "more").glob("*.png")):
+        shutil.copy(f, images / f"new_{f.name}")
+    assert p.index()["new"] == 3
+    assert p.pixels_path.stat().st_size % p.transform.nbytes == 0
+    for row in p.store.files():
+        fresh = S.ImageTransform.apply(p.transform, open(row["path"], "rb").read())
+        assert np.array_equal(np.asarray(p.pixels()[row["row"]]), fresh), row["path"]
+
+
+def test_class_folders_must_be_classes(tmp_path, images):
+    with pytest.raises(ActivelabError, match=r"sub-folders \['triangle'\] that are not classes"):
+        Project.init(tmp_path / "p", images=images, classes=["circle", "square"])
+    assert not (tmp_path / "p" / "project.db").exists()
+
+
+def test_a_project_inside_its_images_folder_is_not_indexed(tmp_path, images):
+    p = Project.init(images / "proj", images=images, size=12, model="digits_cnn", train=TRAIN)
+    p.export(images / "proj" / "tree")  # pictures inside the project folder
+    assert p.index()["new"] == 0 and p.status()["files"] == 48

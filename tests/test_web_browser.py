@@ -126,8 +126,26 @@ def test_label_a_batch_by_keyboard_undo_train_and_next_batch(served, tmp_path):
             for k in ["2", "1", "3", "1"]:
                 page.keyboard.press(k)
             page.wait_for_function("() => document.querySelectorAll('.card .state:not(:empty)').length === 4")
-            SCREENSHOT.parent.mkdir(exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            # a second tab labels the next image; the first tab shows it without a reload, and both writes stay
+            other = browser.new_page()
+            other.goto(url)
+            other.wait_for_function("() => document.querySelectorAll('.card .state:not(:empty)').length === 4")
+            other.keyboard.press("2")
+            other.wait_for_function("() => document.querySelectorAll('.card .state:not(:empty)').length === 5")
+            page.wait_for_function(
+                "() => document.querySelectorAll('.card .state:not(:empty)').length === 5", timeout=10_000
+            )
+            assert project.labels()[second[4]] == classes[1]
+            page.keyboard.press("3")  # the first tab's cursor moved on: it labels the sixth image
+            page.wait_for_function("() => document.querySelectorAll('.card .state:not(:empty)').length === 6")
+            assert project.labels()[second[5]] == classes[2] and project.labels()[second[4]] == classes[1]
+            other.close()
+            # the README's picture: rewritten when missing or with ACTIVELAB_UPDATE_SCREENSHOT=1 (not on every
+            # run, so that running the tests leaves the working tree clean)
+            shot = SCREENSHOT if os.environ.get("ACTIVELAB_UPDATE_SCREENSHOT") or not SCREENSHOT.exists() else None
+            shot = shot or tmp_path / "labeling_page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
             browser.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
@@ -141,4 +159,4 @@ def test_label_a_batch_by_keyboard_undo_train_and_next_batch(served, tmp_path):
     for fid, label in want.items():
         assert rows[files[fid]] == label
     assert files[first[3]] not in rows  # skipped: not a label
-    assert sum(1 for fid in second[:4] if files[fid] in rows) == 4
+    assert sum(1 for fid in second[:6] if files[fid] in rows) == 6

@@ -258,3 +258,71 @@ def test_sigkill_of_a_query_leaves_the_project_whole(project):
     for t in p.store.trainings():  # and every recorded checkpoint loads
         assert p.load_model(t["checkpoint"]) is not None
     assert len(p.query(5, "random")) == 5
+
+
+@pytest.fixture
+def asking_strategy():
+    """A strategy that asks for the labels of two of its picks during the selection (in-round oracle)."""
+    from activelab.strategies import base
+
+    class Asks(base.Strategy):
+        name = "_asks_two"
+        uses_oracle = True
+
+        def query(self, ctx, budget, rng):
+            first = np.arange(2)
+            labels = ctx.ask(first)
+            ctx.info["answers"] = [int(v) for v in labels]
+            return np.arange(budget)
+
+    base._REGISTRY[Asks.name] = Asks
+    yield Asks.name
+    del base._REGISTRY[Asks.name]
+
+
+def test_sub_batches_asked_during_the_selection_are_labeled_on_the_page(project, asking_strategy):
+    project.teach([b["id"] for b in project.batch()[:6]], project.classes * 2)
+    project.fit()
+    with pytest.raises(ActivelabError, match="asks for labels of its own picks"):
+        project.query(4, asking_strategy)
+    # the notebook: an oracle function answers with class names; the answers are stored as labels
+    picks = project.query(4, asking_strategy, oracle=lambda fids: ["square"] * len(fids))
+    asked = [b["id"] for b in picks[:2]]
+    assert all(project.store.history(f)[-1]["who"] == "oracle" for f in asked)
+    assert project.store.rounds()[-1]["info"]["answers"] == [1, 1]
+    # a real sub-batch strategy: GALAXY asks one image at a time
+    answered = []
+    project.query(4, "galaxy", oracle=lambda fids: answered.extend(fids) or ["circle"] * len(fids))
+    info = project.store.rounds()[-1]["info"]
+    assert info["oracle_calls"] >= 1 and info["oracle_asked"] == len(answered) > 0
+    assert all(project.labels()[f] == "circle" for f in answered)
+    # the page: the job shows the asked images and waits for their labels
+    server, thread, url = _start_thread_server(project.folder)
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            r = c.post("/api/train", json={"strategy": asking_strategy, "budget": 4, "train": False})
+            assert r.status_code == 200
+            deadline = time.time() + 30
+            state = c.get("/api/state").json()
+            while state["job"]["state"] != "asking" and time.time() < deadline:
+                time.sleep(0.1)
+                state = c.get("/api/state").json()
+            ids = [a["id"] for a in state["asked"]]
+            assert len(ids) == 2 and state["job"]["asked"] == ids
+            for fid, label in zip(ids, ["triangle", "circle"]):
+                c.post("/api/label", json={"id": fid, "kind": "label", "label": label}).raise_for_status()
+            while True:
+                rr = c.get("/api/state")
+                assert rr.status_code == 200, rr.text
+                if rr.json()["job"]["state"] == "done" or time.time() > deadline:
+                    break
+                time.sleep(0.1)
+            final = c.get("/api/state").json()
+        assert final["job"]["state"] == "done", final["job"]
+        rnd = final["round"]
+        assert rnd["strategy"] == asking_strategy and rnd["info"]["answers"] == [2, 0]
+        assert rnd["info"]["oracle_calls"] == 1 and [b["id"] for b in final["batch"][:2]] == ids
+        assert project.labels()[ids[0]] == "triangle" and project.store.history(ids[0])[-1]["who"] == "page"
+    finally:
+        server.should_exit = True
+        thread.join(10)

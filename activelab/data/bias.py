@@ -30,25 +30,44 @@ Fields that a kind does not read raise an error instead of being ignored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import numpy as np
 
-from ..config import BiasConfig
 from ..errors import ActivelabError
 from .splits import _as_labels
 
 
-def biased_pool_indices(labels: np.ndarray, cfg: BiasConfig, rng: np.random.Generator) -> np.ndarray:
-    """Sorted int64 indices into ``labels`` forming the training pool described by ``cfg``."""
+class BiasSpec(Protocol):
+    """What the builders read: the fields of ``BiasConfig`` (any object with these attributes will do)."""
+
+    kind: str
+    ratio: float
+    minority: list[int] | None
+    counts: dict[int, int] | None
+    pool_size: int | None
+
+
+@dataclass(frozen=True)
+class Bias:
+    """A plain :class:`BiasSpec`, for callers without a config."""
+
+    kind: str = "none"
+    ratio: float = 1.0
+    minority: list[int] | None = None
+    counts: dict[int, int] | None = None
+    pool_size: int | None = None
+
+
+def biased_pool_indices(labels: np.ndarray, cfg: BiasSpec, rng: np.random.Generator) -> np.ndarray:
+    """Sorted int64 indices into ``labels`` forming the training pool described by ``cfg`` (a ``BiasConfig``
+    or a :class:`Bias`)."""
     labels = _as_labels(labels)
     _check_fields(cfg)
-    builders = {
-        "none": _none,
-        "step": _step,
-        "random_classes": _random_classes,
-        "long_tail": _long_tail,
-        "counts": _counts,
-    }
-    chosen = builders[cfg.kind](labels, cfg, rng)
+    if cfg.kind not in _BUILDERS:
+        raise ActivelabError(f"unknown bias kind {cfg.kind!r}; known: {', '.join(_BUILDERS)}")
+    chosen = _BUILDERS[cfg.kind](labels, cfg, rng)
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
@@ -73,7 +92,7 @@ def minority_classes(counts: dict[int, int]) -> list[int]:
     return sorted(int(c) for c, n in counts.items() if n < 0.5 * largest)
 
 
-def _check_fields(cfg: BiasConfig) -> None:
+def _check_fields(cfg: BiasSpec) -> None:
     if cfg.pool_size is not None and cfg.kind != "none":
         raise ActivelabError(f"bias.pool_size is only read by bias kind 'none', not {cfg.kind!r}: remove it")
     if cfg.minority is not None and cfg.kind != "step":
@@ -82,7 +101,7 @@ def _check_fields(cfg: BiasConfig) -> None:
         raise ActivelabError(f"bias.ratio is not read by bias kind {cfg.kind!r}: remove it")
 
 
-def _none(labels: np.ndarray, cfg: BiasConfig, rng: np.random.Generator) -> np.ndarray:
+def _none(labels: np.ndarray, cfg: BiasSpec, rng: np.random.Generator) -> np.ndarray:
     n = len(labels)
     if cfg.pool_size is None:
         return np.arange(n)
@@ -91,7 +110,7 @@ def _none(labels: np.ndarray, cfg: BiasConfig, rng: np.random.Generator) -> np.n
     return rng.choice(n, size=cfg.pool_size, replace=False)
 
 
-def _step(labels: np.ndarray, cfg: BiasConfig, rng: np.random.Generator) -> np.ndarray:
+def _step(labels: np.ndarray, cfg: BiasSpec, rng: np.random.Generator) -> np.ndarray:
     classes = np.unique(labels)
     if cfg.minority is None:
         minority = classes[(len(classes) + 1) // 2 :]
@@ -113,7 +132,7 @@ def _step(labels: np.ndarray, cfg: BiasConfig, rng: np.random.Generator) -> np.n
     return np.concatenate([major_idx, rng.choice(minor_idx, size=take, replace=False)])
 
 
-def _random_classes(labels: np.ndarray, cfg: BiasConfig, rng: np.random.Generator) -> np.ndarray:
+def _random_classes(labels: np.ndarray, cfg: BiasSpec, rng: np.random.Generator) -> np.ndarray:
     classes = np.unique(labels)
     reduced = set(rng.permutation(classes)[: len(classes) // 2].tolist())
     parts = []
@@ -125,7 +144,7 @@ def _random_classes(labels: np.ndarray, cfg: BiasConfig, rng: np.random.Generato
     return np.concatenate(parts)
 
 
-def _long_tail(labels: np.ndarray, cfg: BiasConfig, rng: np.random.Generator) -> np.ndarray:
+def _long_tail(labels: np.ndarray, cfg: BiasSpec, rng: np.random.Generator) -> np.ndarray:
     classes, available = np.unique(labels, return_counts=True)
     targets = long_tail_counts(len(classes), int(available.min()), cfg.ratio)
     parts = [
@@ -141,8 +160,9 @@ def long_tail_counts(num_classes: int, n_max: int, ratio: float) -> list[int]:
     return [int(n_max * ratio ** (-k / (num_classes - 1))) for k in range(num_classes)]
 
 
-def _counts(labels: np.ndarray, cfg: BiasConfig, rng: np.random.Generator) -> np.ndarray:
-    assert cfg.counts is not None  # guaranteed by BiasConfig
+def _counts(labels: np.ndarray, cfg: BiasSpec, rng: np.random.Generator) -> np.ndarray:
+    if not cfg.counts:
+        raise ActivelabError("bias kind 'counts' needs counts: {class: number, ...}")
     parts = []
     for c, n in sorted(cfg.counts.items()):
         idx = np.flatnonzero(labels == c)
@@ -155,3 +175,12 @@ def _counts(labels: np.ndarray, cfg: BiasConfig, rng: np.random.Generator) -> np
             )
         parts.append(rng.choice(idx, size=n, replace=False))
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+_BUILDERS = {
+    "none": _none,
+    "step": _step,
+    "random_classes": _random_classes,
+    "long_tail": _long_tail,
+    "counts": _counts,
+}

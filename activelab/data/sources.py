@@ -6,7 +6,8 @@ dataset except ``imagenet``, which is an ImageFolder over ``train/<wnid>/`` and 
 Where files are looked for, in order (each with the dataset's folder names, e.g. ``fashion_mnist`` and
 ``fashion-mnist``):
 
-1. ``root`` itself, then ``root/<name>`` (when ``root`` is given);
+1. ``root`` itself, then ``root/<name>`` (when ``root`` is given, only these two: a ``root`` that lacks the files
+   is an error, or the download target, never a silent fall back to another copy);
 2. ``$ACTIVELAB_DATA/<name>``;
 3. ``~/.cache/activelab/<name>`` (``$XDG_CACHE_HOME/activelab/<name>`` when that is set);
 4. ``/usr/share/datasets/<name>`` (the Debian ``fashion-mnist`` package installs there).
@@ -99,6 +100,7 @@ class Source:
             root = Path(root).expanduser()
             out.append((root, "root"))
             out += [(root / f, "root") for f in self.folders]
+            return out  # a given root is the only place looked at
         env = os.environ.get(ENV_VAR)
         if env:
             out += [(Path(env).expanduser() / f, f"${ENV_VAR}") for f in self.folders]
@@ -165,14 +167,19 @@ class Source:
         for base, label in self.search_dirs(root):
             where = [str(base / s) if s else str(base) for s in self.subdirs]
             searched.append(f"  {' or '.join(where)}  [{label}]")
-        if not os.environ.get(ENV_VAR):
+        if root is None and not os.environ.get(ENV_VAR):
             searched.append(f"  (${ENV_VAR} is not set)")
         home = self.download_dir(None)
         return DatasetNotFoundError(
             f"dataset {self.name!r} ({split} split) was not found. Expected {files}{note} in one of:\n"
             + "\n".join(searched)
-            + f"\n{reason}\nPut {files} in {home}, or set {ENV_VAR} so that ${ENV_VAR}/{self.folders[0]} "
-            "holds them, or give dataset.root."
+            + f"\n{reason}\n"
+            + (
+                f"Put {files} in {root} (dataset.root), or remove dataset.root to use the usual places."
+                if root is not None
+                else f"Put {files} in {home}, or set {ENV_VAR} so that ${ENV_VAR}/{self.folders[0]} "
+                "holds them, or give dataset.root."
+            )
         )
 
     def status(self) -> dict:
@@ -305,17 +312,52 @@ class Cifar10Source(Source):
     def read(self, folder: Path, split: Split) -> ArrayDataset:
         xs, ys = [], []
         for fname in self.files(split):
-            with open(folder / fname, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
+            batch = _load_cifar_pickle(folder / fname)
             xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(batch["labels"], dtype=np.int64))
         classes = self.default_classes
         meta = folder / CIFAR10.meta["filename"]
         if meta.exists():
-            with open(meta, "rb") as f:
-                classes = list(pickle.load(f, encoding="latin1")[CIFAR10.meta["key"]])
+            classes = list(_load_cifar_pickle(meta)[CIFAR10.meta["key"]])
         x = torch.from_numpy(np.concatenate(xs))
         return ArrayDataset(x, np.concatenate(ys), self.mean, self.std, classes, self.name)
+
+
+# What a CIFAR-10 python batch may hold besides dicts, lists, strings and numbers: numpy arrays.
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only the types a CIFAR-10 batch is made of; any other global (a function to call, a class to
+    build) is refused, so a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing {module}.{name}: a CIFAR-10 batch holds only dicts, lists and numpy arrays"
+        )
+
+
+def _load_cifar_pickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        try:
+            out = _CifarUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as exc:
+            raise ActivelabError(
+                f"{path} is not a CIFAR-10 python batch ({exc}); the file may be damaged or crafted: delete it "
+                "and let activelab download the dataset again"
+            ) from None
+    if not isinstance(out, dict):
+        raise ActivelabError(f"{path} is not a CIFAR-10 python batch (it holds a {type(out).__name__})")
+    return out
 
 
 # --- SVHN -----------------------------------------------------------------------------------------
@@ -530,6 +572,15 @@ def load_split(name: str, split: Split, root: str | None = None, download: bool 
     if is_plugin(name):
         return _plugin_split(name, split, root)
     return get_source(name).load(split, root, download)
+
+
+def split_location(name: str, split: Split, root: str | None = None) -> str | None:
+    """The folder the files of ``split`` are read from (what :func:`load_split` would use), or None (a
+    dataset source of the user's own: its ``root``, as given)."""
+    if is_plugin(name):
+        return None if root is None else str(root)
+    folder = get_source(name).locate(split, root)
+    return None if folder is None else str(folder)
 
 
 def _plugin_split(name: str, split: Split, root: str | None) -> Dataset:

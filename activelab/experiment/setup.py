@@ -4,7 +4,6 @@ state, in whichever process it runs."""
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import os
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from ..config import DatasetConfig, ExperimentConfig
 from ..data.arrays import ArrayDataset, dataset_labels
 from ..data.bias import biased_pool_indices, minority_classes, pool_class_counts
 from ..data.imbalance import clip_classes, symmetric_noise
-from ..data.sources import load_split
+from ..data.sources import load_split, split_location
 from ..data.splits import carve_validation, restrict_classes
 from ..errors import ActivelabError
 from ..models import build_model
@@ -41,6 +40,7 @@ class RunData:
     num_classes: int
     in_channels: int
     image_size: int
+    data_root: str | None = None  # the folder the dataset's files were read from
 
 
 def load_data(cfg: DatasetConfig) -> tuple[Dataset, Dataset]:
@@ -113,6 +113,7 @@ def prepare_run(cfg: ExperimentConfig, run: int) -> RunData:
         num_classes=num_classes,
         in_channels=in_channels,
         image_size=image_size,
+        data_root=split_location(cfg.dataset.name, "train", cfg.dataset.root),
     )
 
 
@@ -141,16 +142,25 @@ def ensure_initial_model(
 ) -> dict:
     """The initial weights of ``run`` for ``init`` ("random" or "rotation"), made once and kept on disk.
 
-    Several workers may ask at once: a file lock makes exactly one of them build the weights.
+    Several workers, on one machine or several (Ray), may ask at once: a lease in the results store makes
+    exactly one of them build the weights while the others wait for the file (see :func:`holding_lease`).
     """
     path = initial_model_path(exp_dir, data.run, init)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists():
-            state = make_initial_model(cfg, data, init, device, progress)
-            atomic_save(state, path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if not path.exists():
+        from .lease import holding_lease
+
+        with holding_lease(Layout(exp_dir).store, f"initial-model/run{data.run}/{init}", done=path.exists):
+            if not path.exists():
+                state = make_initial_model(cfg, data, init, device, progress)
+                atomic_save(state, path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ActivelabError(
+            f"initial model {path} is damaged ({type(exc).__name__}: {exc}): delete it and run again; it is remade "
+            "identically (its weights are a function of the config and the run)"
+        ) from None
 
 
 def make_initial_model(cfg: ExperimentConfig, data: RunData, init: str, device, progress: bool = False) -> dict:

@@ -35,8 +35,6 @@ SCHEMA_VERSION = 2
 """1: the first store (no version in meta). 2: version in meta, round metrics for imbalance, run data root,
 job owner (pid, host), leases."""
 
-SQLITE_HEADER = b"SQLite format 3\x00"
-
 
 class StoreError(ActivelabError):
     """The results store cannot be opened or read; the message names the file and what to do."""
@@ -227,6 +225,10 @@ TABLES = (META, RUNS, JOBS, ROUNDS, LEASES)
 # --- the store ---------------------------------------------------------------------------------------------
 
 
+def can_write(path: Path) -> bool:
+    return os.access(path, os.W_OK)
+
+
 def _damaged(path: Path, what: str) -> StoreError:
     return StoreError(
         f"{path} {what}. It is not a results store activelab can read: restore it from a backup, or move the "
@@ -251,6 +253,13 @@ class Store:
         except sqlite3.DatabaseError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise
+            if "not a database" in str(exc):
+                raise _damaged(self.path, "is not an SQLite file") from None
+            if "readonly" in str(exc) or "read-only" in str(exc):
+                raise StoreError(
+                    f"{self.path} cannot be written ({exc}): `activelab run` needs write access to the experiment "
+                    "directory; `report` and `plot` read it as it is"
+                ) from None
             raise _damaged(self.path, f"could not be read ({exc})") from None
 
     def _check_file(self, create: bool) -> None:
@@ -260,13 +269,10 @@ class Store:
             raise StoreError(f"{self.path} does not exist: this is not an experiment directory (run a config first)")
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a folder, not a results store")
-        size = self.path.stat().st_size
-        if size == 0:
+        if self.path.stat().st_size == 0:
             raise _damaged(self.path, "is empty (0 bytes; a disk that was full, or a copy that failed)")
-        with open(self.path, "rb") as f:
-            header = f.read(len(SQLITE_HEADER))
-        if header != SQLITE_HEADER:
-            raise _damaged(self.path, "is not an SQLite file")
+        # The header is left to SQLite: opening and closing the file from Python would drop the POSIX locks
+        # that this process's other connections to it hold (and lose their writes).
 
     def _connect(self) -> sqlite3.Connection:
         if not self.readonly:
@@ -274,11 +280,11 @@ class Store:
             conn.execute("PRAGMA busy_timeout=60000")
             conn.execute("PRAGMA journal_mode=WAL")
             return conn
-        writable = os.access(self.path.parent, os.W_OK) and os.access(self.path, os.W_OK)
+        writable = can_write(self.path.parent) and can_write(self.path)
         wal = self.path.with_name(self.path.name + "-wal")
         # A read-only folder cannot hold the WAL index, so the file is opened as immutable there; an archived
         # copy has no writer, which is what immutable promises.
-        immutable = not writable and not (wal.exists() and os.access(wal, os.W_OK))
+        immutable = not writable and not (wal.exists() and can_write(wal))
         uri = self.path.resolve().as_uri() + ("?immutable=1" if immutable else "?mode=ro")
         conn = sqlite3.connect(uri, uri=True, timeout=60.0, isolation_level=None)
         conn.execute("PRAGMA busy_timeout=60000")

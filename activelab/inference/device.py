@@ -1,6 +1,7 @@
 """Device placement of inference passes: batch moves, chunk sizes from the device's free memory, and optional
 half precision.
 
+- :func:`resolve_device`: a device name checked against what this machine has.
 - :func:`to_device`: a batch to the model's device (CUDA copies from pinned host memory run asynchronously).
 - :func:`free_memory_bytes` / :func:`rows_that_fit`: how many rows of a given size fit in a share of the
   device's free memory (CUDA: ``torch.cuda.mem_get_info``; CPU: the memory the kernel reports available), so a
@@ -21,6 +22,16 @@ import torch
 from torch import nn
 
 _HALF = contextvars.ContextVar("activelab_half_precision", default=False)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device; asking for CUDA where there is none is a clear error."""
+    from ..errors import ActivelabError
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ActivelabError("device='cuda' was asked for but CUDA is not available here; use device='cpu'")
+    return device
 
 
 def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:

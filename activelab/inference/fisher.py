@@ -259,7 +259,8 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
             # gradients of each fallback entry, float32
             per_class = sum(int(np.prod(layer.out_shape)) for layer in layers) + sum(wrt[n].numel() for n in fallback)
             per_class += max((per_sample_block(layer) for layer in layers), default=0)
-            chunk_size = int(max(1, min(64, DEFAULT_CHUNK_BYTES // max(1, 3 * 4 * num_classes * per_class))))
+            # at most 32 samples: C x 32 signals per layer stay cache-friendly (64 was 10-40% slower on conv nets)
+            chunk_size = int(max(1, min(32, DEFAULT_CHUNK_BYTES // max(1, 3 * 4 * num_classes * per_class))))
         for x, _ in iter_batches(dataset, indices, chunk_size):
             x = x.to(device)
             logits, signals, saved = layer_signals(model, layers, x, _class_log_prob_sums)
@@ -294,8 +295,9 @@ def iter_masked_fisher_embeddings(
     ``method="signals"`` (default): per-sample, per-class gradients of log p with respect to each masked layer's
     *output* (one batched backward pass per class w.r.t. a zero tensor a hook adds to the output; samples do not
     interact in eval mode, so the gradient of the batch sum at a sample is its own), and the layer's input; the
-    masked weight entries are then products of the two (Linear: g_o a_j; Conv2d: sum over positions of g_o
-    times the unfolded input; BatchNorm in eval mode: sum of g times the normalised input), so neither weight
+    masked weight entries are then products of the two (Linear: g_o a_j; convolutions: sum over positions of g_o
+    times the input patch; normalisation layers: sum of g times the normalised input; Embedding: sum of g over
+    the tokens of that row; see :mod:`activelab.inference.signals`), so neither weight
     gradients nor the per-sample Jacobian (C x P per sample) are ever formed. Tensors of other modules (or of
     modules called more than once) are differentiated directly with ``vmap(jacrev)``. A model whose BatchNorm
     uses batch statistics in eval mode gets the Jacobian method. ``method="jacobian"``: the full per-sample,

@@ -7,10 +7,10 @@ chunk of samples takes one batched pass, by one of two methods:
 
 - ``"signals"`` (default): one forward and one backward pass of the chunk's summed entropy, asking autograd
   only for the gradients at each layer's output (the signals); each layer's per-sample weight-gradient norm
-  is then formed from its input and its signal (:mod:`activelab.inference.signals`: Linear in closed form,
-  Conv2d by a batched matrix product or through Gram matrices, whichever is cheaper). Needs every
-  differentiated tensor to belong to a Linear, Conv2d (groups 1) or eval-mode BatchNorm called once per
-  forward pass; otherwise the call falls back to ``"vmap"``.
+  is then formed from its input and its signal (:mod:`activelab.inference.signals`: Linear, Conv1d / Conv2d
+  (any groups, padding), BatchNorm (eval mode), GroupNorm, LayerNorm, RMSNorm and Embedding, each in closed
+  form). Needs every differentiated tensor to belong to such a layer, called once per forward pass;
+  otherwise the call falls back to ``"vmap"``.
 - ``"vmap"``: ``vmap(grad(H))`` from ``torch.func``, any model; it materialises a chunk of per-sample
   gradients.
 

@@ -1,16 +1,27 @@
 """Per-sample weight gradients from layer inputs and backprop signals, without per-sample backward passes.
 
-For a layer y = f(a; W) that is linear in its weights (``nn.Linear``, ``nn.Conv2d`` with groups 1, BatchNorm
-in eval mode), the gradient of a per-sample objective with respect to W is a product of the layer's input a
-and the *signal* g = d objective / d y: Linear dW = g a^T, Conv2d dW = sum over positions of g times the
-unfolded input, BatchNorm dgamma = sum of g times the normalised input, and every bias gradient is a sum of g.
+For a layer y = f(a; W) that is linear in its weights, the gradient of a per-sample objective with respect to
+W is a product of the layer's input a and the *signal* g = d objective / d y, in closed form per layer kind:
+
+- ``nn.Linear``: dW = g a^T (summed over extra positions when the layer maps over them);
+- ``nn.Conv1d`` / ``nn.Conv2d``, any stride, dilation, padding (``"same"``, ``"valid"``, reflect / replicate /
+  circular modes) and groups (grouped, depthwise): dW = sum over output positions of g times the input patch,
+  formed for the whole chunk by one weight-gradient convolution with the batch folded into the groups
+  (:func:`conv_weight_grads`), or through Gram matrices when a layer has few output positions;
+- BatchNorm (eval mode, running statistics), GroupNorm, LayerNorm, RMSNorm, y = a_hat * weight + bias:
+  d weight = sum of g * a_hat over the positions that share the parameter (BatchNorm: (sum g a - mean sum g)
+  / sqrt(var + eps), so a_hat is not formed), d bias = sum of g;
+- ``nn.Embedding``, y_t = W[i_t]: dW[v] = sum of g_t over the tokens with i_t = v (zero at ``padding_idx``,
+  divided by the token's count in the sample with ``scale_grad_by_freq``), never the V x D gradient.
+
 With the model in eval mode the samples of a batch do not interact, so one backward pass of the batch *sum* of
 an objective yields every sample's own signal; the gradients with respect to the weights are never formed by
 autograd (only the signals are asked for), and per-sample gradients are formed layer by layer from (a, g).
 
 When only some entries of a layer are wanted (a Fisher mask), only the signals of the output units (channels
-or features) those entries belong to are kept, a convolution's input is unfolded only for the input channels
-they read, and the products are formed on the block of wanted rows x columns (or row by row when sparse).
+or features) those entries belong to are kept (when that is at most half of them), a convolution's input is
+used only for the input channels they read, and the products are formed on the block of wanted rows x
+columns, or entry by entry when that block would be much bigger than the wanted set.
 
 Used by :mod:`activelab.inference.fisher` (masked Fisher embeddings: C objectives, log p(c|x) for each class)
 and :mod:`activelab.inference.gradients` (entropy gradient norms: one objective, the entropy).
@@ -276,8 +287,11 @@ def gather_products(g: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, cols: 
         gs, us = _take(g, 2, distinct_rows), _take(u, 1, distinct_cols)
         if n_pos == 1:
             full = gs[..., 0].unsqueeze(3) * us[:, None, :, 0].unsqueeze(2)  # (B, C, n_r, n_c)
-        else:
-            full = torch.matmul(gs.reshape(b, c * n_r, n_pos), us.transpose(1, 2))
+        else:  # one batched product per objective: signals laid out objective-major need no copy
+            full = g.new_empty(c, b, n_r, n_c)
+            for i in range(c):
+                torch.matmul(gs[:, i], us.transpose(1, 2), out=full[i])
+            full = full.transpose(0, 1)
         return _take(full.reshape(b, c, n_r * n_c), 2, row_pos * n_c + col_pos)
     if n_pos == 1:
         return g[..., 0].index_select(2, rows) * u[:, :, 0].index_select(1, cols).unsqueeze(1)
@@ -416,7 +430,7 @@ def _signals_2d(g: torch.Tensor) -> torch.Tensor:
 #: The weight-gradient convolution forms a whole block of entries (rows x input channels x kernel) at a cost
 #: per entry several times below that of the per-row products, so it is used unless the wanted entries fill
 #: less than 1 / _CONV_BLOCK_RATIO of that block.
-_CONV_BLOCK_RATIO = 8
+_CONV_BLOCK_RATIO = 32
 
 
 def _conv_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -183,9 +183,16 @@ class Project:
             raise ActivelabError(f"class names must be distinct; got {names}")
         if len(names) < 2:
             raise ActivelabError(f"a classifier needs at least 2 classes; got {names}")
-        for s in sources:  # an unknown class in a CSV is an error before anything is written
+        for s in sources:  # an unknown class is an error before anything is written
             if s["kind"] == "csv":
                 read_label_csv(s["path"], names)
+            elif s["kind"] == "folder":
+                unknown = sorted(set(_discover_classes([s])) - set(names))
+                if unknown:
+                    raise ActivelabError(
+                        f"{s['path']} has sub-folders {unknown} that are not classes ({', '.join(names)}); a "
+                        "sub-folder names the class of its images: rename them or add the classes"
+                    )
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "checkpoints").mkdir(exist_ok=True)
         store = Store(folder / DB_NAME)
@@ -233,7 +240,8 @@ class Project:
             for s in self.store.get_meta("sources", []):
                 if s["kind"] == "folder":
                     root = Path(s["path"])
-                    items += [(str(root / p), c) for p, c in scan_folder(root)]
+                    known_classes = set(self.classes)  # a folder added later that is no class: unlabeled
+                    items += [(str(root / p), c if c in known_classes else None) for p, c in scan_folder(root)]
                 elif s["kind"] == "csv":
                     rows, _ = read_label_csv(s["path"], self.classes)
                     base = s.get("base")
@@ -242,6 +250,8 @@ class Project:
                         items.append((str(full), c))
                 else:
                     array_sources.append(s["path"])
+            inside = str(self.folder) + os.sep  # the project folder inside the images folder: never indexed
+            items = [(p, c) for p, c in items if not p.startswith(inside)]
             bad = self._index_files(items, counts, workers)
             for path in array_sources:
                 self._index_arrays(path, counts)

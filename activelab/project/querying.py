@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,18 +30,21 @@ def _select(
     validation,
     seed: int,
     device: str,
+    oracle=None,
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """The picks, their scores (None for strategies without) and the round's notes.
 
     The engine that ``activelab.select`` runs, called directly because ``select`` hands back indices and scores
     but not the strategy's notes (``fallback`` and its reason, which the project must record and show).
     """
-    from ..api import resolve_device
+    from ..inference.device import resolve_device
     from ..query.engine import RoundSeed
     from ..query.engine import run_query as engine_query
 
     model.to(resolve_device(device))
-    result = engine_query(strategy, model, pool, labeled, budget, RoundSeed.from_int(seed), validation=validation)
+    result = engine_query(
+        strategy, model, pool, labeled, budget, RoundSeed.from_int(seed), validation=validation, oracle=oracle
+    )
     scores = None if result.scores is None else np.asarray(result.scores, dtype=np.float64)[result.indices]
     return np.asarray(result.indices, dtype=np.int64), scores, dict(result.info)
 
@@ -81,9 +85,15 @@ def run_query(
     seed: int | None = None,
     validation_per_class: int | None = None,
     device: str = "cpu",
+    oracle: Callable[[list[str]], Sequence[str]] | None = None,
     **params: Any,
 ) -> int:
-    """Query, record the round (one transaction) and return its number; see :meth:`Project.query`."""
+    """Query, record the round (one transaction) and return its number; see :meth:`Project.query`.
+
+    ``oracle``: ``fn(file ids) -> class names``, for strategies that ask for labels of some of their picks
+    during the selection (in sub-batches). Its answers are stored as labels (``who="oracle"``) unless they are
+    already the files' current labels (the labeling page writes them itself).
+    """
     from ..strategies.wrappers import build_strategy
     from .core import PoolImages
 
@@ -149,7 +159,28 @@ def run_query(
                 info["fallback"] = "random"
                 info["fallback_reason"] = "no trained model yet: label this batch, then train"
             used, params, instance = "random", {}, build_strategy("random")
-        picked, scores, notes = _select(instance, model, pool, labeled, n, validation, seed, device)
+        pool_oracle = None
+        if oracle is not None and instance.uses_oracle:  # without one, the strategy decides (ctx.has_oracle)
+
+            def pool_oracle(indices: np.ndarray) -> list[int]:
+                fids = [ids[int(i)] for i in indices]
+                names = list(oracle(fids))
+                if len(names) != len(fids):
+                    raise ActivelabError(f"the oracle answered {len(names)} labels for {len(fids)} images")
+                for name in names:
+                    if name not in index:
+                        raise ActivelabError(f"the oracle answered unknown class {name!r}; classes: {classes}")
+                current = project.store.latest_labels(fids)
+                new = [
+                    (f, "label", name)
+                    for f, name in zip(fids, names)
+                    if not (f in current and current[f]["kind"] == "label" and current[f]["label"] == name)
+                ]
+                if new:
+                    project.store.add_labels(new, who="oracle", source="oracle", round_=round_no)
+                return [index[name] for name in names]
+
+        picked, scores, notes = _select(instance, model, pool, labeled, n, validation, seed, device, pool_oracle)
         info.update(notes)
         if info.get("fallback") and used != "random":
             warnings.warn(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,8 +19,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ActivelabError
-from ..strategies.base import Strategy
-from .context import Oracle, QueryContext
+from .context import Oracle, QueryContext, seeded_torch
+
+if TYPE_CHECKING:
+    from ..strategies.base import Strategy
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,7 @@ def run_query(
         oracle=oracle,
         user_embeddings=embeddings,
     )
-    with torch.random.fork_rng(devices=_cuda_devices()):
-        torch.manual_seed(seed.torch_seed)
+    with seeded_torch(seed.torch_seed, _cuda_devices()):
         positions = np.asarray(strategy.run(ctx, int(budget), rng), dtype=np.int64)
     if positions.shape != (budget,) or len(np.unique(positions)) != budget:
         raise RuntimeError(f"strategy {strategy.label!r} returned {positions.shape} positions, not {budget} unique")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ActivelabError
+from ..experiment.layout import Layout
 from ..experiment.runner import load_experiment
 from .curves import plot_learning_curves
 from .summary import summarize
@@ -30,7 +31,12 @@ def draw_figures(
 ) -> list[Path]:
     exp_dir = Path(exp_dir)
     cfg, store = load_experiment(exp_dir)
-    out_dir = Path(out) if out else exp_dir / "figures"
+    out_dir = Path(out) if out else Layout(exp_dir).figures
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        store.close()
+        raise ActivelabError(f"cannot write figures to {out_dir} ({exc}): pass --out with a writable folder") from None
     try:
         summaries = summarize(cfg, store, target)
         for named in (strategies, versus, [highlight] if highlight else None):
@@ -89,7 +95,6 @@ def _confusion(cfg, store, keys, round_, run, runs, out_dir) -> list[Path]:
 def _tsne(exp_dir, cfg, store, keys, round_, run, space, samples, out_dir) -> list[Path]:
     import torch
 
-    from ..experiment.job import checkpoint_path
     from ..experiment.setup import load_data, new_model, prepare_run
     from ..inference.forward import forward_pass
     from ..strategies.base import get_strategy
@@ -110,7 +115,7 @@ def _tsne(exp_dir, cfg, store, keys, round_, run, space, samples, out_dir) -> li
 
             feats = np.concatenate([x.flatten(1).numpy() for x, _ in iter_batches(test, idx, 1024)])
         else:
-            path = checkpoint_path(exp_dir, run, key, round_)
+            path = Layout(exp_dir).checkpoint(run, key, round_)
             if not path.exists():
                 raise ActivelabError(
                     f"no saved model for {key} run {run} round {round_} ({path}); "

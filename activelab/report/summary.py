@@ -1,4 +1,10 @@
-"""Aggregate an experiment's rounds over runs: the data behind ``activelab report`` and ``activelab plot``."""
+"""Aggregate an experiment's rounds over runs: the data behind ``activelab report`` and ``activelab plot``.
+
+Which runs a curve averages: the *finished* runs of the strategy (every round recorded, or ended by a stopping
+criterion), the same runs at every round, so a run that failed or is still going never changes the population
+mid-curve. While no run of a strategy is finished, round k averages the runs complete up to round k (every
+round 0..k recorded). ``runs_per_round`` says how many runs each mean holds.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ class StrategySummary:
     runs: int  # runs with every round complete
     failed_runs: dict[int, str] = field(default_factory=dict)
     incomplete_runs: list[int] = field(default_factory=list)
+    incomplete_notes: dict[int, str] = field(default_factory=dict)  # why: no rounds, interrupted, running
     aubc: float | None = None
     aubc_std: float | None = None
     labels_to_target: float | None = None
@@ -52,24 +59,64 @@ def _std(values: list[float]) -> float | None:
     return float(np.std(values, ddof=1)) if len(values) > 1 else (0.0 if values else None)
 
 
+def _population(per_run: dict[int, dict], finished: list[int], expected: list[int]) -> dict[int, list[int]]:
+    """The runs each round's mean is taken over (see the module docstring)."""
+    if finished:
+        return {k: [r for r in finished if k in per_run[r]] for k in expected}
+    out: dict[int, list[int]] = {}
+    for i, k in enumerate(expected):
+        out[k] = sorted(r for r, recs in per_run.items() if all(j in recs for j in expected[: i + 1]))
+    return out
+
+
+def _incomplete(cfg, per_run, finished, failed, jobs, label, writing: bool) -> dict[int, str]:
+    notes = {}
+    for r in range(cfg.loop.runs):
+        if r in finished or r in failed:
+            continue
+        status = jobs.get((r, label), (None, None))[0]
+        if status == "running":
+            notes[r] = "running" if writing else "interrupted (its process stopped; run the config again to resume)"
+        elif status == "interrupted":
+            notes[r] = "interrupted (run the config again to resume)"
+        elif r not in per_run:
+            notes[r] = "no rounds"
+        else:
+            notes[r] = f"{len(per_run[r])} round(s) recorded"
+    return notes
+
+
 def summarize(cfg: ExperimentConfig, store: Store, target: float | None = None) -> dict[str, StrategySummary]:
     """One summary per configured strategy (in config order). Missing rounds stay None, never zero."""
+    from ..experiment.layout import Layout
+    from ..experiment.runner import writer_alive
+
     target = target if target is not None else cfg.loop.target_accuracy
     jobs = store.jobs()
     runs_info = store.runs()
+    writing = writer_alive(Layout(store.path.parent))
     expected_rounds = list(range(0 if cfg.loop.initial > 0 else 1, cfg.loop.rounds + 1))
     out: dict[str, StrategySummary] = {}
     for s in cfg.strategies:
-        by_round: dict[int, list] = defaultdict(list)
         per_run: dict[int, dict[int, object]] = defaultdict(dict)
         for rec in store.rounds(strategy=s.label):
-            by_round[rec.round].append(rec)
             per_run[rec.run][rec.round] = rec
-        complete = [r for r, recs in per_run.items() if all(k in recs for k in expected_rounds)]
+        complete = sorted(r for r, recs in per_run.items() if all(k in recs for k in expected_rounds))
+        stopped = sorted(
+            r
+            for r, recs in per_run.items()
+            if r not in complete and any("stopped_by" in (rec.info or {}) for rec in recs.values())
+        )
+        finished = sorted(complete + stopped)
         failed = {
-            r: (err or "").splitlines()[0] for (r, key), (st, err) in jobs.items() if key == s.label and st == "failed"
+            r: (err or "").splitlines()[0]
+            for (r, key), (st, err) in jobs.items()
+            if key == s.label and st == "failed" and r not in finished
         }
-        incomplete = sorted(r for r in per_run if r not in complete and r not in failed)
+        notes = _incomplete(cfg, per_run, finished, failed, jobs, s.label, writing)
+        incomplete = sorted(notes)
+        population = _population(per_run, finished, expected_rounds)
+        by_round = {k: [per_run[r][k] for r in population[k]] for k in expected_rounds}
         rounds = expected_rounds
 
         def series(attr: str, recs_by_round=by_round, rounds=rounds) -> list[list]:
@@ -102,6 +149,7 @@ def summarize(cfg: ExperimentConfig, store: Store, target: float | None = None) 
             runs=len(complete),
             failed_runs=failed,
             incomplete_runs=incomplete,
+            incomplete_notes=notes,
             minority_labeled_mean=minority_labeled,
             macro_f1_mean=[_mean(v) for v in series("macro_f1")],
             worst_class_recall_mean=[_mean(v) for v in series("worst_class_recall")],
@@ -130,8 +178,9 @@ def summarize(cfg: ExperimentConfig, store: Store, target: float | None = None) 
     return out
 
 
-def report_json(cfg: ExperimentConfig, summaries: dict[str, StrategySummary]) -> dict:
-    """The report schema of ``activelab report --json`` (see the README): per-round lists for the *_mean series."""
+def report_json(cfg: ExperimentConfig, summaries: dict[str, StrategySummary], target: float | None = None) -> dict:
+    """The report schema of ``activelab report --json`` (see the README): per-round lists for the *_mean series;
+    ``target_accuracy`` is the target the labels-to-target values were computed for."""
     strategies = {}
     for key, s in summaries.items():
         strategies[key] = {
@@ -160,7 +209,7 @@ def report_json(cfg: ExperimentConfig, summaries: dict[str, StrategySummary]) ->
         }
     return {
         "experiment": cfg.name,
-        "target_accuracy": cfg.loop.target_accuracy,
+        "target_accuracy": target if target is not None else cfg.loop.target_accuracy,
         "strategies": strategies,
     }
 
@@ -171,10 +220,11 @@ def _fmt(v: float | None, pct: bool = True, digits: int = 1) -> str:
     return f"{100 * v:.{digits}f}" if pct else f"{v:.{digits}f}"
 
 
-def report_text(cfg: ExperimentConfig, summaries: dict[str, StrategySummary]) -> str:
-    """A table per strategy (accuracy mean ± std per round) and a summary table."""
+def report_text(cfg: ExperimentConfig, summaries: dict[str, StrategySummary], target: float | None = None) -> str:
+    """A table per strategy (accuracy mean ± std per round) and a summary table; ``target``: the accuracy the
+    labels-to-target column was computed for (default: the config's)."""
     lines = [f"experiment {cfg.name}: {cfg.loop.runs} runs x {cfg.loop.rounds} rounds, budget {cfg.loop.budget}"]
-    target = cfg.loop.target_accuracy
+    target = target if target is not None else cfg.loop.target_accuracy
     target_col = "labels@" + (_fmt(target, digits=0) + "%" if target else "—")
     header = f"{'strategy':<28} {'runs':>5} {'AUBC':>11} {target_col:>10} {'vs random':>9} {'minority rec. (last)':>20}"
     lines += ["", header, "-" * len(header)]
@@ -201,7 +251,8 @@ def report_text(cfg: ExperimentConfig, summaries: dict[str, StrategySummary]) ->
         for run, err in s.failed_runs.items():
             lines.append(f"    run {run} FAILED: {err}")
         for run in s.incomplete_runs:
-            lines.append(f"    run {run} incomplete")
+            note = s.incomplete_notes.get(run)
+            lines.append(f"    run {run} incomplete" + (f": {note}" if note else ""))
     return "\n".join(lines)
 
 

@@ -18,11 +18,13 @@ import secrets
 import threading
 import time
 import traceback
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,6 +72,7 @@ class Job:
         self.lock = threading.Lock()
         self.state: dict[str, Any] = {"state": "idle"}
         self.thread: threading.Thread | None = None
+        self.stop = threading.Event()
 
     def running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
@@ -108,6 +111,44 @@ def _host_name(host_header: str) -> str:
     return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
+class Guard:
+    """ASGI middleware: the Host check on loopback, and the token on every request when there is one (a token
+    given as ``?token=`` is also set as a cookie, so the page's own requests carry it)."""
+
+    def __init__(self, app, token: str | None, loopback_only: bool) -> None:
+        self.app, self.token, self.loopback_only = app, token, loopback_only
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.loopback_only and _host_name(headers.get("host", "")) not in LOOPBACK_HOSTS:
+            response = JSONResponse({"detail": "this server answers on its loopback address only"}, status_code=400)
+            return await response(scope, receive, send)
+        if self.token is None:
+            return await self.app(scope, receive, send)
+        from_query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
+        cookies = SimpleCookie(headers.get("cookie", ""))
+        from_cookie = cookies[TOKEN_COOKIE].value if TOKEN_COOKIE in cookies else ""
+        given = from_query or headers.get("x-activelab-token", "") or from_cookie
+        if not secrets.compare_digest(given.encode(), self.token.encode()):
+            response = JSONResponse(
+                {"detail": "a token is required: open the address the server printed (it ends in ?token=...)"},
+                status_code=403,
+            )
+            return await response(scope, receive, send)
+        if not from_query:
+            return await self.app(scope, receive, send)
+        cookie = f"{TOKEN_COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/".encode("latin-1")
+
+        async def send_with_cookie(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie)]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_cookie)
+
+
 def create_app(project: Project | str | Path, token: str | None = None, loopback_only: bool = True) -> FastAPI:
     """The app for one project. ``token``: required on every request when given. ``loopback_only``: refuse
     requests whose Host header is not a loopback name (set when the server listens on 127.0.0.1)."""
@@ -118,22 +159,7 @@ def create_app(project: Project | str | Path, token: str | None = None, loopback
     job = Job()
     app.state.job = job
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if loopback_only and _host_name(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
-            return JSONResponse({"detail": "this server answers on its loopback address only"}, status_code=400)
-        from_query = request.query_params.get("token")
-        if token is not None:
-            given = from_query or request.headers.get("x-activelab-token") or request.cookies.get(TOKEN_COOKIE) or ""
-            if not secrets.compare_digest(given.encode(), token.encode()):
-                return JSONResponse(
-                    {"detail": "a token is required: open the address the server printed (it ends in ?token=...)"},
-                    status_code=403,
-                )
-        response = await call_next(request)
-        if token is not None and from_query:
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
-        return response
+    app.add_middleware(Guard, token=token, loopback_only=loopback_only)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -164,15 +190,35 @@ def create_app(project: Project | str | Path, token: str | None = None, loopback
             for r in rounds
             if r["info"].get("fallback")
         ]
+        snapshot = job.snapshot()
+        asked = []
+        if snapshot.get("state") == "asking":
+            asked_states = project.store.latest_labels(snapshot.get("asked", []))
+            paths = project.store.paths_of(snapshot.get("asked", []))
+            for rank, fid in enumerate(snapshot.get("asked", [])):
+                state_ = asked_states.get(fid)
+                asked.append(
+                    {
+                        "id": fid,
+                        "path": Path(paths.get(fid, "")).name,
+                        "rank": rank,
+                        "score": None,
+                        "guesses": [],
+                        "kind": state_["kind"] if state_ is not None else None,
+                        "label": state_["label"] if state_ is not None else None,
+                        "seq": state_["seq"] if state_ is not None else None,
+                    }
+                )
         return {
             "project": project.folder.name,
+            "asked": asked,
             "classes": project.classes,
             "keys": list(CLASS_KEYS[: len(project.classes)]),
             "round": current,
             "batch": batch,
             "status": status,
             "fallbacks": fallbacks,
-            "job": job.snapshot(),
+            "job": snapshot,
             "strategies": available_strategies(),
         }
 
@@ -209,6 +255,23 @@ def create_app(project: Project | str | Path, token: str | None = None, loopback
         file_row(file_id)
         return [dict(r) for r in project.store.history(file_id)]
 
+    def page_oracle(j: Job):
+        """The in-round oracle of strategies that ask in sub-batches: the page shows the asked images and this
+        waits until each has a label (written through /api/label like any other)."""
+
+        def ask(file_ids: list[str]) -> list[str]:
+            j.update(state="asking", asked=list(file_ids), asked_round=(j.snapshot().get("asked_round") or 0) + 1)
+            while True:
+                current = project.store.latest_labels(file_ids)
+                if all(f in current and current[f]["kind"] == "label" for f in file_ids):
+                    break
+                if j.stop.wait(0.2):
+                    raise ActivelabError("the server stopped while the strategy was waiting for labels")
+            j.update(state="querying", asked=[])
+            return [current[f]["label"] for f in file_ids]
+
+        return ask
+
     @app.post("/api/train")
     def train(body: TrainIn) -> dict:
         from ..strategies.base import get_strategy
@@ -225,14 +288,17 @@ def create_app(project: Project | str | Path, token: str | None = None, loopback
                 record = project.fit(progress=lambda p: j.update(**p), **overrides)
                 j.update(training={k: record[k] for k in ("train_size", "val_size", "val_accuracy")})
             j.update(state="querying")
-            project.query(body.budget, body.strategy, validation_per_class=body.validation_per_class)
+            project.query(
+                body.budget, body.strategy, validation_per_class=body.validation_per_class, oracle=page_oracle(j)
+            )
 
         if not job.start(work, strategy=body.strategy, budget=body.budget):
             raise HTTPException(409, "a training or query is already running; wait for it")
         return job.snapshot()
 
     @app.get("/api/thumb/{file_id}")
-    def thumb(file_id: str) -> Response:
+    async def thumb(file_id: str) -> Response:
+        # async: a database lookup and a small PNG encoding (about a millisecond) need no worker thread
         row = file_row(file_id)
         if row["row"] is None:
             raise HTTPException(404, "this file could not be decoded")
@@ -246,7 +312,8 @@ def create_app(project: Project | str | Path, token: str | None = None, loopback
         row = file_row(file_id)
         path = Path(row["path"])
         if not path.is_file():  # an array row, or a file since moved: the cached image instead
-            return thumb(file_id)
+            image = np.asarray(project.pixels()[row["row"]])
+            return Response(array_to_image_bytes(image), media_type="image/png")
         return FileResponse(path)
 
     return app

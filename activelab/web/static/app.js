@@ -6,7 +6,7 @@ let state = null;       // the last /api/state
 let items = [];          // the batch, with each item's current label
 let cursor = 0;
 let undoStack = [];      // {id, seq} of this tab's writes, newest last
-let roundShown = null;
+let viewShown = null;   // which set of images the grid shows: a round, or a sub-batch the strategy asks for
 let queue = Promise.resolve();  // key actions, in order
 
 async function api(path, body) {
@@ -101,10 +101,11 @@ function renderJob() {
   const j = state.job;
   const box = $("job");
   box.className = j.state === "error" ? "error" : "";
-  const busy = j.state === "starting" || j.state === "training" || j.state === "querying";
+  const busy = ["starting", "training", "querying", "asking"].includes(j.state);
   ["train", "query-only", "validation"].forEach((b) => { $(b).disabled = busy; });
   if (j.state === "training") box.textContent = `training: epoch ${j.epoch || 0} / ${j.epochs || "?"}` + (j.loss === undefined ? "" : `, loss ${j.loss.toFixed(3)}`) + " \u2014 keep labeling";
   else if (j.state === "querying" || j.state === "starting") box.textContent = "querying the next batch\u2026";
+  else if (j.state === "asking") box.textContent = "the strategy waits for your labels of the images shown";
   else if (j.state === "error") box.textContent = "error: " + j.message;
   else if (j.state === "done" && j.training) box.textContent = `trained on ${j.training.train_size}, held-out accuracy ` + (j.training.val_accuracy === null ? "n/a (no held-out labels yet)" : `${(100 * j.training.val_accuracy).toFixed(1)}% on ${j.training.val_size}`);
   else box.textContent = "";
@@ -154,10 +155,12 @@ async function refresh() {
   state = await api("/api/state");
   $("project").textContent = state.project;
   const r = state.round;
-  const newRound = (r ? r.round : null) !== roundShown;
-  if (newRound) {
-    roundShown = r ? r.round : null;
-    items = state.batch;
+  const asking = state.job.state === "asking" && state.asked.length > 0;
+  const view = asking ? "ask:" + state.job.asked_round : "round:" + (r ? r.round : "none");
+  const fresh = asking ? state.asked : state.batch;
+  if (view !== viewShown) {
+    viewShown = view;
+    items = fresh;
     cursor = Math.max(0, items.findIndex((it) => !it.kind || it.kind === "clear"));
     undoStack = [];
     renderKeys();
@@ -169,12 +172,22 @@ async function refresh() {
     }
   } else {
     // other tabs' labels: take the server's state where it is newer than ours
-    const byId = new Map(state.batch.map((it) => [it.id, it]));
+    const byId = new Map(fresh.map((it) => [it.id, it]));
+    const here = items[cursor];
+    const wasOpen = here && (!here.kind || here.kind === "clear");
     items.forEach((it) => {
       const s = byId.get(it.id);
       if (s && (s.seq || 0) > (it.seq || 0)) { it.kind = s.kind; it.label = s.label; it.seq = s.seq; }
     });
+    if (wasOpen && here.kind && here.kind !== "clear") {
+      // another tab labeled the image under our cursor: move on to the next open one
+      const next = items.findIndex((x, j) => j > cursor && (!x.kind || x.kind === "clear"));
+      if (next >= 0) cursor = next;
+    }
   }
+  if (asking) {
+    $("round-info").textContent = `The strategy asks for ${items.length} labels now (sub-batch ${state.job.asked_round}); it picks the rest of the batch from your answers.`;
+  } else
   $("round-info").textContent = r ? `Round ${r.round}: ${r.kind === "validation" ? "label k per class (validation)" : r.strategy}, ${items.length} images` + (r.checkpoint ? "" : " (no model yet: random picks)") : "";
   renderCounts(); renderJob(); renderNotes(); renderCurve(); renderAll();
 }
