@@ -171,6 +171,14 @@ def test_failed_run_is_reported_not_zero(tmp_path):
     assert "run 0 FAILED: RuntimeError: deliberate failure" in text and "missing" in text
 
 
+def _rounds_done(exp_dir: Path) -> int:
+    try:
+        with sqlite3.connect(exp_dir / "results.sqlite", timeout=30) as c:
+            return c.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
 # Kills at random moments of a --workers 2 experiment, with the resume compared with an uninterrupted run:
 # tests/test_reliability.py::test_sigkill_at_random_moments_with_two_workers_and_four_strategies.
 
