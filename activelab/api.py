@@ -69,7 +69,9 @@ def select(
             strategy of your own.
         model: any ``torch.nn.Module`` returning class logits (moved to ``device`` and left there), or a list
             of separately trained models for ensemble strategies (``ensemble=`` their number).
-        pool: a torch ``Dataset`` of ``(x, y)``; ``y`` is ignored (it may be -1) except by oracle ablations.
+        pool: a torch ``Dataset`` of ``(x, y)``; ``y`` of the labeled samples is their known label (read by
+            strategies that use the labeled set's classes); ``y`` of the others is ignored (it may be -1) except
+            by oracle ablations.
         labeled: pool indices already labeled (or a boolean mask of the pool's length); never returned.
         budget: how many samples to pick.
         validation: a labeled dataset, required by strategies that need one (``fk``).

@@ -37,3 +37,14 @@ def check_selection_memory(strategy: str, n: int, c: int, k: int, itemsize: int)
         f"{6 * k * k * 8 / gib:.1f} GiB), but {have / gib:.1f} GiB is available. Lower K (fishermask: pct), "
         "the candidate subset (subset), or use precision: float32; or run on a machine with more memory."
     )
+
+
+def check_memory(what: str, need_bytes: float, detail: str, advice: str) -> None:
+    """Refuse ``what`` up front when ``need_bytes`` exceed the memory available now (unknown: allowed)."""
+    have = available_memory_bytes()
+    if have is None or need_bytes <= have:
+        return
+    gib = 2.0**30
+    raise ActivelabError(
+        f"{what} needs about {need_bytes / gib:.1f} GiB ({detail}), but {have / gib:.1f} GiB is available: {advice}"
+    )

@@ -2,7 +2,7 @@
 strategies), resume it each time, and compare every selected index, test prediction and checkpoint with an
 uninterrupted run.
 
-    python benchmarks/bench_kill_resume.py [--kills 20] [--seed 0] [--workers 2]
+    python benchmarks/bench_kill_resume.py [--kills 20] [--seed 0] [--workers 2] [--runs 2] [--rounds 5]
 
 Prints one line per kill (rounds committed when it landed) and the tally. tests/test_reliability.py runs the
 same harness with a handful of kills.
@@ -74,12 +74,14 @@ def _command(cfg: Path, out: Path, workers: int) -> list[str]:
     ]
 
 
-def kill_and_resume(workdir: Path, kills: int, workers: int = 2, seed: int = 0, log=print) -> dict:
+def kill_and_resume(
+    workdir: Path, kills: int, workers: int = 2, seed: int = 0, log=print, runs: int = 1, rounds: int = 3
+) -> dict:
     """Run the reference (sequentially, in this process), then ``kills`` runs killed at random moments (each
     resuming the last), then one run to the end; returns the tally."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "config.yaml"
-    cfg.write_text(yaml.safe_dump(CONFIG))
+    cfg.write_text(yaml.safe_dump({**CONFIG, "loop": {**CONFIG["loop"], "runs": runs, "rounds": rounds}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     from activelab.experiment.runner import run_experiment
 
@@ -93,7 +95,8 @@ def kill_and_resume(workdir: Path, kills: int, workers: int = 2, seed: int = 0, 
         if before >= total:
             break
         proc = subprocess.Popen(_command(cfg, exp, workers), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        goal = rng.randint(before, total - 1)  # wait for this many rounds, then a random fraction of a round
+        # wait for up to two more rounds (none: a kill during start-up), then a random fraction of a round
+        goal = rng.randint(before, min(before + 2, total - 1))
         deadline = time.time() + 300
         while rounds_done(exp) < goal and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
@@ -126,10 +129,12 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        tally = kill_and_resume(Path(tmp), args.kills, args.workers, args.seed)
+        tally = kill_and_resume(Path(tmp), args.kills, args.workers, args.seed, runs=args.runs, rounds=args.rounds)
         print(
             f"{tally['kills']} SIGKILLs landed in {tally['attempts']} attempts (workers={args.workers}, "
             f"{tally['total_rounds']} rounds, {len(CONFIG['strategies'])} strategies); every index, prediction and "

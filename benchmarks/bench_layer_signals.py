@@ -16,6 +16,9 @@ jobs share the CPU), all methods interleaved in one process and the whole set re
   sample, on ``--loop-n`` samples, scaled) and the floor: one forward and C backward passes per chunk to the
   masked layers' outputs (what the signal method runs before its closed forms).
 
+Chunks: 256 samples for the gradient norms and 32 for the Fisher embeddings by default, the largest the
+automatic choices take (``--chunk``, ``--fisher-chunk``; each floor runs at its method's chunk).
+
 ``ceiling`` = loop / floor: what an exact batched method built on backpropagation can reach at best;
 ``share`` = (loop / batched) / ceiling = floor / batched, the share of the ceiling the method reaches
 (target: >= 0.5). Every table cell is the median of the repeats with the range (min-max) beside it.
@@ -249,7 +252,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1024, help="samples of the batched methods and floors")
     parser.add_argument("--loop-n", type=int, default=128, help="samples the loops run on (scaled to --n)")
     parser.add_argument("--chunk", type=int, default=256, help="chunk of the gradient norms and their floor")
-    parser.add_argument("--fisher-chunk", type=int, default=64, help="chunk of the Fisher embeddings and floor")
+    parser.add_argument("--fisher-chunk", type=int, default=32, help="chunk of the Fisher embeddings and floor")
     parser.add_argument("--mask-pct", type=float, default=0.05, help="share of each non-classifier tensor masked")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/bench_layer_signals.txt")

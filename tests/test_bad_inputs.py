@@ -113,6 +113,7 @@ def test_bad_config_is_one_error_line_and_leaves_no_directory(tmp_path, text, ne
         (["run", "{base}", "--runs", "0:9", "--out", "{tmp}/x"], "outside the config's 1 runs"),
         (["run", "{base}", "--runs", "zero", "--out", "{tmp}/x"], "--runs takes A:B"),
         (["run", "{base}", "--out", "{file}"], "is a file"),
+        (["run", "{base}", "--out", "{file}/sub"], "needs a writable experiment directory"),
         (["run", "{base}", "--address", "auto"], "options of --executor ray"),
         (["report", "{tmp}"], "is not an experiment directory"),
         (["report", "{tmp}/nowhere"], "does not exist"),

@@ -86,3 +86,17 @@ def test_rare_classes():
     np.testing.assert_array_equal(rare_classes(y, 4, given=[1]), [1])
     with pytest.raises(ActivelabError):
         rare_classes(y, 4, given=[7])
+
+
+def test_flqmi_refuses_up_front_when_its_similarities_cannot_fit_and_gcmi_needs_no_matrix(monkeypatch):
+    import activelab.memory as memory
+    from activelab.errors import ActivelabError
+    from activelab.strategies.similar import Similarity, gcmi_top, smi_select
+
+    rng = np.random.default_rng(0)
+    pool, query = Similarity(rng.normal(size=(300, 5))), Similarity(rng.normal(size=(7, 5)))
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 10_000)
+    with pytest.raises(ActivelabError, match=r"N=300 candidates and \|Q\|=7.*subsample"):
+        smi_select("flqmi", pool, query, 5)
+    # gcmi sums the similarities block by block: same picks as from the whole matrix, no refusal
+    np.testing.assert_array_equal(smi_select("gcmi", pool, query, 5), gcmi_top(pool.rows(query, slice(None)), 5))

@@ -43,11 +43,12 @@ def check_shared_directory(job: Job) -> None:
 
     from ..config import load_config
     from ..errors import ActivelabError
+    from .layout import CONFIG_NAME, STORE_NAME
 
     exp_dir = Path(job.exp_dir)
     where = f"a worker on {socket.gethostname()} (pid {os.getpid()})"
-    config = exp_dir / "config.yaml"
-    if not config.is_file() or not (exp_dir / "results.sqlite").is_file():
+    config = exp_dir / CONFIG_NAME
+    if not config.is_file() or not (exp_dir / STORE_NAME).is_file():
         raise ActivelabError(f"{where} cannot see the experiment directory {exp_dir}: {SHARED_DIRECTORY_HELP}")
     if job.fingerprint is not None and load_config(config).fingerprint() != job.fingerprint:
         raise ActivelabError(
@@ -220,7 +221,3 @@ class RayExecutor(Executor):
         finally:
             if connected:
                 ray.shutdown()
-
-
-def default_threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // workers)

@@ -203,8 +203,14 @@ def prepare_directory(
 def experiment_lock(layout: Layout) -> Iterator[None]:
     """Hold the directory's lock (an exclusive ``flock`` on ``.lock``, released by the kernel when the process
     dies, so a killed run never leaves a stale lock). A second process gets :class:`ExperimentBusyError`."""
-    layout.root.mkdir(parents=True, exist_ok=True)
-    f = open(layout.lock, "a+")
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        f = open(layout.lock, "a+")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to {layout.root} ({exc}): `activelab run` needs a writable experiment directory; "
+            "`report` and `plot` read a read-only one as it is"
+        ) from None
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -255,6 +255,11 @@ class Store:
                 raise
             if "not a database" in str(exc):
                 raise _damaged(self.path, "is not an SQLite file") from None
+            if "readonly" in str(exc) or "read-only" in str(exc):
+                raise StoreError(
+                    f"{self.path} cannot be written ({exc}): `activelab run` needs write access to the experiment "
+                    "directory; `report` and `plot` read it as it is"
+                ) from None
             raise _damaged(self.path, f"could not be read ({exc})") from None
 
     def _check_file(self, create: bool) -> None:

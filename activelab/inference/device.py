@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -116,3 +117,17 @@ def inference_autocast(device: torch.device | str):
     if _HALF.get() and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+@contextmanager
+def seeded_torch(seed: int, devices: Sequence[torch.device | int] = ()) -> Iterator[None]:
+    """Seed torch's CPU generator and the given (initialised) CUDA devices' generators, and restore them all on
+    exit. Unlike ``torch.manual_seed`` it never queues a seed for CUDA devices not initialised yet (that would
+    replace the caller's own queued seed and outlive the block)."""
+    devices = list(devices)
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(int(seed))
+        for d in devices:
+            index = d if isinstance(d, int) else (d.index if d.index is not None else torch.cuda.current_device())
+            torch.cuda.default_generators[index].manual_seed(int(seed))
+        yield

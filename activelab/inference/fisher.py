@@ -259,7 +259,8 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
             # gradients of each fallback entry, float32
             per_class = sum(int(np.prod(layer.out_shape)) for layer in layers) + sum(wrt[n].numel() for n in fallback)
             per_class += max((per_sample_block(layer) for layer in layers), default=0)
-            chunk_size = int(max(1, min(64, DEFAULT_CHUNK_BYTES // max(1, 3 * 4 * num_classes * per_class))))
+            # at most 32 samples: C x 32 signals per layer stay cache-friendly (64 was 10-40% slower on conv nets)
+            chunk_size = int(max(1, min(32, DEFAULT_CHUNK_BYTES // max(1, 3 * 4 * num_classes * per_class))))
         for x, _ in iter_batches(dataset, indices, chunk_size):
             x = x.to(device)
             logits, signals, saved = layer_signals(model, layers, x, _class_log_prob_sums)

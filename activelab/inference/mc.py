@@ -20,7 +20,7 @@ from ..data.arrays import iter_batches
 from ..errors import ActivelabError
 from ..mcstats import MCStatistics
 from ..models.introspection import eval_mode, model_device
-from .device import inference_autocast, to_device
+from .device import inference_autocast, seeded_torch, to_device
 
 
 def _fork_devices(device: torch.device) -> list:
@@ -61,12 +61,7 @@ def _stream_passes(
     max_rows = batch_size if max_rows is None else max_rows
     for e, model in enumerate(models):
         device = model_device(model)
-        with (
-            torch.random.fork_rng(devices=_fork_devices(device)),
-            eval_mode(model, dropout=True),
-            torch.no_grad(),
-        ):
-            torch.manual_seed(int(seed) + e)
+        with seeded_torch(int(seed) + e, _fork_devices(device)), eval_mode(model, dropout=True), torch.no_grad():
             start = 0
             for x, _ in iter_batches(dataset, indices, batch_size):
                 x = to_device(x, device)

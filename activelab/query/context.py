@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import dataset_labels
 from ..errors import ActivelabError
+from ..inference.device import seeded_torch
 from ..models.introspection import classifier_name, model_device, named_module, tap_names
 
 Subset = Literal["candidates", "labeled", "validation"]
@@ -227,11 +228,24 @@ class QueryContext:
         return self._labels_of("validation")
 
     def labeled_labels(self) -> np.ndarray:
-        """Labels of the labeled set (known by definition)."""
-        return self._labels_of("pool")[self.labeled]
+        """Labels of the labeled set (known by definition: the pool's y of a labeled sample must be a class)."""
+        labels = self._labels_of("pool")[self.labeled]
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ActivelabError(
+                f"{self.strategy_name} reads the labels of the labeled samples, but the pool gives them "
+                f"{labels.min()}..{labels.max()}, outside the classes [0, {self.num_classes}): put the known labels "
+                "of labeled samples in the pool's y (-1 is fine for unlabeled ones)"
+            )
+        return labels
+
+    @staticmethod
+    def _pool_subset(subset: str) -> None:
+        if subset not in ("candidates", "labeled"):
+            raise ActivelabError(f"subset must be 'candidates' or 'labeled' here; got {subset!r}")
 
     def pool_labels(self, subset: Literal["candidates", "labeled"] = "candidates") -> np.ndarray:
         """True labels of pool samples: only for oracle ablations (``reads_pool_labels``)."""
+        self._pool_subset(subset)
         if subset == "labeled":
             return self.labeled_labels()
         if not self._allow_pool_labels:
@@ -241,6 +255,7 @@ class QueryContext:
     def user_embeddings(self, subset: Literal["candidates", "labeled"] = "candidates") -> np.ndarray | None:
         """Rows of the embedding array the caller passed for the whole pool (``select(..., embeddings=...)``),
         or None when none was passed."""
+        self._pool_subset(subset)
         if self._user_embeddings is None:
             return None
         return self._user_embeddings[self.candidates if subset == "candidates" else self.labeled]
@@ -302,6 +317,10 @@ class QueryContext:
 
     def _rows(self, subset: Subset, embeddings: bool) -> tuple[np.ndarray, np.ndarray | None]:
         which, dataset, idx = self._dataset(subset)
+        if len(idx) == 0 and subset != "candidates" and len(self.candidates):
+            # nothing to pass: zero rows of the candidates' (which the round needs anyway), of the right width
+            logits, emb = self._rows("candidates", embeddings)
+            return logits[:0], None if emb is None else emb[:0]
         for block in self._shared.rows[which]:
             if embeddings and block.embeddings is None:
                 continue
@@ -478,8 +497,7 @@ class QueryContext:
         x0 = self.pool[int(self.candidates[0])][0]
         device = self.device
         devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(rng.integers(2**31 - 1)))
+        with seeded_torch(int(rng.integers(2**31 - 1)), devices):
             vae = VAE(x0.shape[0], x0.shape[-1], params["latent_dim"], params["width"]).to(device)
             disc = Discriminator(params["latent_dim"], params["hidden"]).to(device)
             stats = train_vaal(

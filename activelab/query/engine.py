@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import ActivelabError
+from ..inference.device import seeded_torch
 from .context import Oracle, QueryContext
 
 if TYPE_CHECKING:
@@ -132,8 +133,7 @@ def run_query(
         oracle=oracle,
         user_embeddings=embeddings,
     )
-    with torch.random.fork_rng(devices=_cuda_devices()):
-        torch.manual_seed(seed.torch_seed)
+    with seeded_torch(seed.torch_seed, _cuda_devices()):
         positions = np.asarray(strategy.run(ctx, int(budget), rng), dtype=np.int64)
     if positions.shape != (budget,) or len(np.unique(positions)) != budget:
         raise RuntimeError(f"strategy {strategy.label!r} returned {positions.shape} positions, not {budget} unique")

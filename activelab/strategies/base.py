@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -73,7 +74,7 @@ class Strategy:
     def run(self, ctx: QueryContext, budget: int, rng: np.random.Generator) -> np.ndarray:
         """What the engine and the wrappers call: :meth:`query`, on a seeded candidate subset when
         :meth:`subsample_size` asks for one."""
-        return query_subsample(self, ctx, self.subsample_size(budget), budget, rng)
+        return query_subsample(self.query, ctx, self.subsample_size(budget), budget, rng)
 
     def ensemble_size(self) -> int:
         """How many separately trained models the experiment runner keeps for this strategy (1: just the
@@ -166,22 +167,31 @@ class ScoreStrategy(Strategy):
 
 
 def query_subsample(
-    strategy: Strategy, ctx: QueryContext, size: int | None, budget: int, rng: np.random.Generator
+    query: Callable[[QueryContext, int, np.random.Generator], np.ndarray],
+    ctx: QueryContext,
+    size: int | None,
+    budget: int,
+    rng: np.random.Generator,
+    *,
+    what: str = "subset",
 ) -> np.ndarray:
-    """``strategy.query`` on a seeded uniform subset of ``size`` candidates (all of them when ``size`` is None
-    or covers them; no random draw then), as positions into ``ctx.candidates``. The child context shares the
-    parent's caches."""
-    positions = candidate_subset(len(ctx.candidates), size, budget, rng)
+    """``query(ctx, budget, rng)`` (a strategy's ``query``, or a base's ``run`` so that subsets nest) on a seeded
+    uniform subset of ``size`` candidates (all of them when ``size`` is None or covers them; no random draw
+    then), as positions into ``ctx.candidates``. The child context shares the parent's caches. ``what`` names
+    ``size`` in the error for a subset smaller than the budget."""
+    positions = candidate_subset(len(ctx.candidates), size, budget, rng, what=what)
     if len(positions) == len(ctx.candidates):
-        return np.asarray(strategy.query(ctx, budget, rng), dtype=np.int64)
-    return positions[np.asarray(strategy.query(ctx.restrict(positions), budget, rng), dtype=np.int64)]
+        return np.asarray(query(ctx, budget, rng), dtype=np.int64)
+    return positions[np.asarray(query(ctx.restrict(positions), budget, rng), dtype=np.int64)]
 
 
-def candidate_subset(n_candidates: int, size: int | None, budget: int, rng: np.random.Generator) -> np.ndarray:
+def candidate_subset(
+    n_candidates: int, size: int | None, budget: int, rng: np.random.Generator, *, what: str = "subset"
+) -> np.ndarray:
     """Sorted positions of a uniform random subset of ``size`` candidates (all of them if the pool is smaller
     or ``size`` is None). The subset must hold at least ``budget`` samples."""
     if size is None or size >= n_candidates:
         return np.arange(n_candidates, dtype=np.int64)
     if size < budget:
-        raise ActivelabError(f"subset={size} is smaller than the budget {budget}: raise subset to at least the budget")
+        raise ActivelabError(f"{what}={size} is smaller than the budget {budget}: raise {what} to at least the budget")
     return np.sort(rng.choice(n_candidates, size=size, replace=False)).astype(np.int64)

@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import ActivelabError
+from ..memory import check_memory
 from .base import Strategy, StrategyParams, register
 
 SmiFunction = Literal["flqmi", "gcmi", "logdetmi"]
@@ -48,7 +49,9 @@ class Similarity:
         cos = self.h @ other.h[j].T
         if self.a is not None:
             cos *= self.a @ other.a[j].T
-        return (cos + 1.0) / 2.0
+        cos += 1.0  # in place: at N = 10^6 every N x |Q| temporary counts
+        cos *= 0.5
+        return cos
 
     @classmethod
     def concatenate(cls, parts: list[Similarity]) -> Similarity:
@@ -88,8 +91,14 @@ def flqmi_greedy(s_nq: np.ndarray, budget: int, eta: float = 1.0) -> np.ndarray:
     best = np.zeros(s_nq.shape[1])
     chosen = np.zeros(n, dtype=bool)
     picks = []
+    gain = np.empty(n)
+    rows = max(1, 2**22 // max(1, s_nq.shape[1]))  # gains by row blocks: no N x |Q| temporary per pick
     for _ in range(budget):
-        gain = np.maximum(s_nq - best, 0.0).sum(axis=1) + relevance
+        for r in range(0, n, rows):
+            block = s_nq[r : r + rows] - best
+            np.maximum(block, 0.0, out=block)
+            gain[r : r + rows] = block.sum(axis=1)
+        gain += relevance
         gain[chosen] = -np.inf
         j = int(np.argmax(gain))
         picks.append(j)
@@ -162,10 +171,21 @@ def smi_select(
     """Picks (positions into the pool) maximising I_f(A; Q) greedily."""
     if len(query.h) == 0:
         raise ActivelabError("the query set Q is empty")
+    n, nq = len(pool.h), len(query.h)
     if function == "flqmi":
+        check_memory(
+            "similar (flqmi)",
+            8.0 * n * (2 * nq + pool.h.shape[1] + (0 if pool.a is None else pool.a.shape[1])),
+            f"the N x |Q| similarities for N={n:,} candidates and |Q|={nq:,}, plus the unit embeddings",
+            "wrap the strategy in subsample, or use function: gcmi (no N x |Q| matrix)",
+        )
         return flqmi_greedy(pool.rows(query, slice(None)), budget, eta)
-    if function == "gcmi":
-        return gcmi_top(pool.rows(query, slice(None)), budget, lam)
+    if function == "gcmi":  # modular: the row sums, block by block
+        rows = max(1, 2**22 // max(1, nq))
+        sums = np.concatenate(
+            [pool.take(np.arange(r, min(n, r + rows))).rows(query, slice(None)).sum(axis=1) for r in range(0, n, rows)]
+        )
+        return gcmi_top(sums[:, None], budget, lam)
     if function == "logdetmi":
         return logdetmi_greedy(pool, query, budget, eta, ridge)
     raise ActivelabError(f"unknown SMI function {function!r}: use flqmi, gcmi or logdetmi")

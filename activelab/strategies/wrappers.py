@@ -90,7 +90,8 @@ class Subsample(Wrapper):
     with ``size`` instead of the pool. Used by Sener & Savarese (core-set on random subsets), Yoo & Kweon
     (LL4AL, 10,000 candidates) and Ash et al. (BAIT). Complexity: O(N) to draw the subset, then the base
     strategy's cost on ``size`` candidates; model passes run only on the subset. Edge cases: ``size`` at least
-    the pool means the whole pool (no draw); ``size`` below the budget is an error.
+    the pool means the whole pool (no draw); ``size`` below the budget is an error; a base with a ``subset`` of
+    its own draws that subset from this one (the subsets nest: the smaller one wins).
     """
 
     name = "subsample"
@@ -101,7 +102,7 @@ class Subsample(Wrapper):
     example_params = {"size": 30}
 
     def query(self, ctx, budget, rng):
-        return query_subsample(self.base, ctx, self.params.size, budget, rng)
+        return query_subsample(self.base.run, ctx, self.params.size, budget, rng, what="subsample size")
 
 
 def balanced_quotas(labeled_counts: np.ndarray, available: np.ndarray, budget: int) -> np.ndarray:
@@ -137,8 +138,10 @@ class ClassBalanced(Wrapper):
 
     Complexity: one forward pass over the candidates (shared with the base strategy), then the base strategy
     on each class's candidates. Edge cases: a class with no predicted candidate gets no quota (its share moves
-    to the others); a base strategy that needs more candidates than a class has (e.g. BAIT's 2b) sees only
-    that class's candidates.
+    to the others); a class whose quota takes all its candidates is picked whole without running the base (a
+    scoring base still records its scores there); a base strategy that needs more candidates than a class has
+    (e.g. BAIT's 2b) sees only that class's candidates (and BAIT estimates the pool's Fisher from them); round
+    notes the base writes under the same key in several classes keep the last class's value.
     """
 
     name = "class_balanced"
@@ -155,7 +158,10 @@ class ClassBalanced(Wrapper):
         picks = []
         for k in np.flatnonzero(quotas):
             members = np.flatnonzero(predicted == k)
-            if quotas[k] == len(members):
+            if quotas[k] == len(members):  # taken whole: no selection to run, but a scoring base still scores it
+                if isinstance(self.base, ScoreStrategy):
+                    child = ctx.restrict(members)
+                    child.set_scores(self.base.scores(child, rng))
                 picks.append(members)
                 continue
             inner = np.asarray(self.base.run(ctx.restrict(members), int(quotas[k]), rng), dtype=np.int64)
@@ -232,6 +238,11 @@ class Stochastic(Wrapper):
     example_params = {"mode": "rank"}
 
     def __init__(self, base: Strategy, **params) -> None:
+        if isinstance(base, Wrapper):
+            raise ActivelabError(
+                f"the stochastic wrapper samples a scoring strategy's scores and cannot wrap {base.label!r}: "
+                "list 'stochastic' before the other wrappers (wrap=['stochastic', ('subsample', {...})])"
+            )
         if not isinstance(base, ScoreStrategy):
             raise ActivelabError(
                 f"the stochastic wrapper needs a scoring strategy (one that ranks candidates by a score); "
@@ -240,19 +251,10 @@ class Stochastic(Wrapper):
         super().__init__(base, **params)
 
     def query(self, ctx, budget, rng):
-        size = self.base.subsample_size(budget)
-        return query_subsample(_Sampled(self.base, self.params), ctx, size, budget, rng)
+        return query_subsample(self._sample, ctx, self.base.subsample_size(budget), budget, rng)
 
-
-class _Sampled(Strategy):
-    """The base's scores on the (possibly subsampled) context, sampled instead of ranked."""
-
-    name = "_sampled"
-
-    def __init__(self, base: ScoreStrategy, params: Stochastic.Params) -> None:
-        self.base, self.params = base, params
-
-    def query(self, ctx, budget, rng):
+    def _sample(self, ctx, budget, rng):
+        """The base's scores on the (possibly subsampled) context, sampled instead of ranked."""
         scores = self.base.scores(ctx, rng)
         ctx.set_scores(scores)
         return stochastic_sample(scores, budget, rng, self.params.mode, self.params.temperature)
