@@ -9,38 +9,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .data.contract import check_model_and_data
+from .data.indices import as_pool_indices
 from .errors import ActivelabError
 from .inference.device import resolve_device
 from .query.engine import RoundSeed, run_query
 from .strategies.wrappers import WrapSpec, build_strategy
-
-
-def labeled_array(pool_size: int, labeled: Sequence[int] | np.ndarray | None) -> np.ndarray:
-    """``labeled`` as sorted unique int64 pool indices. Accepts indices or a boolean mask of the pool's length;
-    floats, out-of-range indices and duplicates are errors that say what was expected."""
-    if labeled is None:
-        return np.zeros(0, dtype=np.int64)
-    arr = np.asarray(labeled)
-    if arr.dtype == bool:
-        if arr.shape != (pool_size,):
-            raise ActivelabError(
-                f"labeled is a boolean mask of shape {arr.shape}, but the pool has {pool_size} samples: pass a "
-                "mask of the pool's length or a list of pool indices"
-            )
-        return np.flatnonzero(arr).astype(np.int64)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ActivelabError(
-            f"labeled must be a 1-D list of integer pool indices or a boolean mask; got dtype {arr.dtype}, "
-            f"shape {arr.shape}"
-        )
-    if arr.min() < 0 or arr.max() >= pool_size:
-        raise ActivelabError(f"labeled indices must lie in [0, {pool_size}); got {arr.min()}..{arr.max()}")
-    unique = np.unique(arr)
-    if len(unique) != len(arr):
-        raise ActivelabError(f"labeled holds {len(arr) - len(unique)} duplicate indices; pass each index once")
-    return unique.astype(np.int64)
 
 
 def select(
@@ -100,12 +74,14 @@ def select(
     dev = resolve_device(device)
     for m in models:
         m.to(dev)
+    labeled_idx = as_pool_indices(labeled, len(pool))
+    check_model_and_data(models[0], pool, dev)  # the (x, y) and (B, C) logits contracts, on two samples
     round_seed = seed if isinstance(seed, RoundSeed) else RoundSeed.from_int(seed)
     result = run_query(
         instance,
         models[0],
         pool,
-        labeled_array(len(pool), labeled),
+        labeled_idx,
         budget,
         round_seed,
         validation=validation,

@@ -123,7 +123,7 @@ def test_select_accepts_a_boolean_mask_and_rejects_floats_and_duplicates():
         activelab.select("random", _model(), pool, labeled=np.zeros(5, dtype=bool), budget=2)
     with pytest.raises(ActivelabError, match="integer pool indices"):
         activelab.select("random", _model(), pool, labeled=[1.5, 2.0], budget=2)
-    with pytest.raises(ActivelabError, match="duplicate"):
+    with pytest.raises(ActivelabError, match="repeated"):
         activelab.select("random", _model(), pool, labeled=[1, 1], budget=2)
 
 
@@ -226,3 +226,24 @@ def test_labels_of_a_subset_are_read_without_decoding_images():
 
     sub = torch.utils.data.Subset(Folder(), [5, 1, 3])
     np.testing.assert_array_equal(dataset_labels(sub), [2, 1, 1])
+
+
+def test_select_checks_the_model_and_dataset_contracts_on_two_samples():
+    """A model without (B, C) float logits, or a dataset without (x, y) items, is named before any strategy
+    work (gradnorm used to score malformed outputs)."""
+
+    class Flat(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1).sum(dim=1)  # (B,), not (B, C)
+
+    class OnlyX(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return torch.zeros(1, 8, 8)
+
+    with pytest.raises(ActivelabError, match=r"returned shape \(2,\)"):
+        activelab.select("gradnorm", Flat(), make_pool(), labeled=[0], budget=2)
+    with pytest.raises(ActivelabError, match="item 0"):
+        activelab.select("margin", _model(), OnlyX(), budget=2)

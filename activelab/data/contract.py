@@ -8,6 +8,7 @@ fails with a message naming the contract instead of deep inside a strategy.
 
 from __future__ import annotations
 
+import contextvars
 import numbers
 
 import torch
@@ -18,6 +19,10 @@ from ..errors import ActivelabError
 
 DATASET_CONTRACT = "a torch Dataset whose items are (x, y) pairs: x a tensor, y an integer label"
 MODEL_CONTRACT = "a model returning class logits as a 2-D float tensor (batch, classes)"
+
+
+#: True while :func:`check_model_and_data` runs its two-sample probe (so counters of model passes can leave it out).
+checking: contextvars.ContextVar[bool] = contextvars.ContextVar("activelab_contract_check", default=False)
 
 
 def check_dataset_item(dataset: Dataset, name: str = "pool") -> tuple[torch.Tensor, int]:
@@ -75,8 +80,9 @@ def check_model_and_data(
     x0, _ = check_dataset_item(dataset, name)
     second = dataset[1][0] if len(dataset) > 1 else x0
     batch = torch.stack([x0, second]).to(device)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     state = torch.random.get_rng_state()
+    token = checking.set(True)
     try:
         model.eval()
         with torch.no_grad():
@@ -88,6 +94,8 @@ def check_model_and_data(
             f"the model failed on a batch of the {name} with shape {tuple(batch.shape)}: {type(exc).__name__}: {exc}"
         ) from exc
     finally:
-        model.train(was_training)
+        checking.reset(token)
+        for m, mode in modes.items():
+            m.training = mode
         torch.random.set_rng_state(state)
     check_model_output(out, len(batch), num_classes)
