@@ -8,7 +8,6 @@ ledger) and returns the picks with their scores and the round's notes, made JSON
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -20,6 +19,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ActivelabError
 from ..inference.device import seeded_torch
+from ..jsonable import jsonable
 from .context import Oracle, QueryContext
 
 if TYPE_CHECKING:
@@ -53,26 +53,6 @@ def unlabeled_indices(pool_size: int, labeled: np.ndarray) -> np.ndarray:
     mask = np.ones(pool_size, dtype=bool)
     mask[labeled] = False
     return np.flatnonzero(mask)
-
-
-def json_safe(value):
-    """``value`` with numpy scalars and arrays turned into Python numbers and lists, non-finite floats into
-    None and anything else unknown into its repr, so a strategy's notes can never break the round's record."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
-        return value
-    return repr(value)
 
 
 def _cuda_devices() -> list[int]:
@@ -151,4 +131,4 @@ def run_query(
         info["oracle_calls"] = ctx.oracle_calls
         info["oracle_asked"] = int(len(asked))
     info["forward_passes"] = ctx.forward_passes
-    return QueryResult(selected, ctx.scores_by_pool_index(), json_safe(info), asked)
+    return QueryResult(selected, ctx.scores_by_pool_index(), jsonable(info), asked)
