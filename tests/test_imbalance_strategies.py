@@ -115,3 +115,18 @@ def test_experiment_records_oracle_use_and_reports_imbalance_metrics(tmp_path):
     assert data["minority_label_share_mean"][-1] == pytest.approx(first.minority_label_share)
     text = CliRunner().invoke(main, ["report", str(tmp_path / "exp")]).output
     assert "imbalance metrics" in text and "macro-F1" in text
+
+
+def test_bengar_refuses_an_lp_too_big_for_memory_up_front():
+    import activelab
+    from activelab.errors import ActivelabError
+
+    from .conftest import TinyNet, make_pool
+
+    with pytest.raises(ActivelabError, match=r"N=48 candidates.*subsample"):
+        activelab.select("bengar", TinyNet(), make_pool(), labeled=list(range(12)), budget=4, max_candidates=40)
+    out = activelab.select(
+        "bengar", TinyNet(), make_pool(), labeled=list(range(12)), budget=4, wrap=[("subsample", {"size": 40})],
+        max_candidates=40,
+    )  # fmt: skip
+    assert len(set(out.tolist())) == 4

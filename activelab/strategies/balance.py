@@ -91,7 +91,13 @@ def bengar_select(
     b_ub = np.concatenate([omega, -omega])
     a_eq = csr_matrix(np.concatenate([np.ones(n), np.zeros(c)])[None, :])
     res = linprog(
-        cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=[budget], bounds=[(0, 1)] * n + [(0, None)] * c, method="highs"
+        cost,
+        A_ub=a_ub,
+        b_ub=b_ub,
+        A_eq=a_eq,
+        b_eq=[budget],
+        bounds=np.column_stack([np.zeros(n + c), np.r_[np.ones(n), np.full(c, np.inf)]]),
+        method="highs",
     )
     if res.status != 0:
         raise ActivelabError(f"the Bengar LP failed ({res.message}); report this with the pool size")
@@ -148,8 +154,19 @@ class Bengar(Strategy):
 
     class Params(StrategyParams):
         lam: float = Field(0.6, ge=0, description="weight of the balance term (0.6 on CIFAR-10 in the paper)")
+        max_candidates: int = Field(
+            200_000, ge=1, description="refuse larger LPs up front (wrap in subsample for bigger pools)"
+        )
 
     def query(self, ctx, budget, rng):
+        n, c = len(ctx.candidates), ctx.num_classes
+        if n > self.params.max_candidates:
+            raise ActivelabError(
+                f"bengar: the LP over N={n:,} candidates and C={c} classes has {n + c:,} variables and "
+                f"{2 * c * n + n:,} nonzeros; HiGHS needed more than 4 GB at N=1,000,000, C=10. Wrap the strategy in "
+                f"subsample (wrap: [{{name: subsample, params: {{size: {self.params.max_candidates}}}}}]) or raise "
+                "max_candidates if the machine has the memory"
+            )
         counts = np.bincount(np.asarray(ctx.labeled_labels(), dtype=np.int64), minlength=ctx.num_classes)
         picks, notes = bengar_select(ctx.probs("candidates"), counts, budget, self.params.lam, rng)
         ctx.info.update(notes)
