@@ -168,3 +168,15 @@ def ray_cluster():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def noisy_margin_problem(seed: int, n: int, c: int, n_labeled: int):
+    """(probs, labeled mask, labels (-1 where unlabeled), truth) of a random pool whose true label is the argmax
+    80% of the time and uniform otherwise: the shared test problem of the oracle strategies."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, c)) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    truth = np.where(rng.random(n) < 0.8, probs.argmax(1), rng.integers(0, c, n))
+    labeled = np.zeros(n, bool)
+    labeled[rng.choice(n, n_labeled, replace=False)] = True
+    return probs, labeled, np.where(labeled, truth, -1), truth

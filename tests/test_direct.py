@@ -9,6 +9,8 @@ import pytest
 
 from activelab.strategies.direct import direct_select, shrink_interval, threshold_scores
 
+from .conftest import noisy_margin_problem
+
 
 def _walk(acc, unlabeled, lo, hi, need, tie):
     """One step at a time: move the end whose threshold score is lower; ties by a fixed side."""
@@ -152,13 +154,7 @@ def _reference(probs, labeled, labels, budget, truth, rng, b1=20, mbc=60):
 
 
 def _problem(seed, n=150, c=4, n_labeled=20):
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(size=(n, c)) * 2
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    truth = np.where(rng.random(n) < 0.8, probs.argmax(1), rng.integers(0, c, n))
-    labeled = np.zeros(n, bool)
-    labeled[rng.choice(n, n_labeled, replace=False)] = True
-    return probs, labeled, np.where(labeled, truth, -1), truth
+    return noisy_margin_problem(seed, n, c, n_labeled)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,8 @@ import pytest
 from activelab.errors import ActivelabError
 from activelab.strategies.galaxy import galaxy_select
 
+from .conftest import noisy_margin_problem
+
 
 def _reference(probs, labeled, labels, budget, truth, rng, class_choice):
     """Node-by-node scan of each path, as in the authors' / LabelBench's loops."""
@@ -79,14 +81,7 @@ def _reference(probs, labeled, labels, budget, truth, rng, class_choice):
 
 
 def _problem(seed, n=120, c=4, n_labeled=15):
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(size=(n, c)) * 2
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    truth = np.where(rng.random(n) < 0.8, probs.argmax(1), rng.integers(0, c, n))
-    labeled = np.zeros(n, bool)
-    labeled[rng.choice(n, n_labeled, replace=False)] = True
-    labels = np.where(labeled, truth, -1)
-    return probs, labeled, labels, truth
+    return noisy_margin_problem(seed, n, c, n_labeled)
 
 
 @pytest.mark.parametrize("class_choice", ["round_robin", "random"])

@@ -20,19 +20,7 @@ from click.testing import CliRunner
 from activelab.cli import main
 from activelab.experiment.executors import SHARED_DIRECTORY_HELP, Job, RayExecutor, execute_job
 from activelab.experiment.runner import load_experiment, run_experiment
-from tests.test_runner import TINY, snapshot, write_config
-
-
-def _rounds_done(exp_dir: Path) -> int:
-    """Rounds committed so far (0 while the store does not exist yet)."""
-    import sqlite3
-
-    try:
-        with sqlite3.connect(exp_dir / "results.sqlite", timeout=30) as c:
-            return c.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
+from tests.test_runner import TINY, _rounds_done, snapshot, write_config
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install 'activelab[ray]')"
