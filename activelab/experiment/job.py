@@ -245,13 +245,15 @@ def _select(job: _Job, state: PoolState, round_: int, info: dict) -> np.ndarray:
         budget = job.scfg.first_round.budget or job.cfg.loop.budget
         members = [job.members[0]]
         selected, notes = select_round(
-            job.first_round, job.members[0], members, job.data, state, job.cfg, job.run, job.label, round_, budget
-        )
+            job.first_round, job.members[0], members, job.data, state, job.cfg, job.run, job.label, round_,
+            job.pool_labels, budget,
+        )  # fmt: skip
         notes["first_round"] = job.scfg.first_round.label
     else:
         selected, notes = select_round(
-            job.strategy, job.members[0], job.members, job.data, state, job.cfg, job.run, job.label, round_
-        )
+            job.strategy, job.members[0], job.members, job.data, state, job.cfg, job.run, job.label, round_,
+            job.pool_labels,
+        )  # fmt: skip
     info.update(notes)
     return selected
 
@@ -264,11 +266,20 @@ def round_seed(seed: int, run: int, label: str, round_: int) -> RoundSeed:
 
 
 def select_round(
-    strategy, model, members, data: RunData, state: PoolState, cfg, run: int, label: str, round_: int, budget=None
+    strategy,
+    model,
+    members,
+    data: RunData,
+    state: PoolState,
+    cfg,
+    run: int,
+    label: str,
+    round_: int,
+    pool_labels: np.ndarray,
+    budget=None,
 ):
-    """One round's picks through the engine shared with ``activelab.select``; the pool's labels answer the
+    """One round's picks through the engine shared with ``activelab.select``; ``pool_labels`` answer the
     in-round oracle, only for the samples asked. ``budget``: default ``loop.budget``."""
-    pool_labels = dataset_labels(data.pool)
     result = run_query(
         strategy,
         model,
