@@ -33,7 +33,7 @@ Layers of other types, or called more than once per forward pass, are not handle
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -60,6 +60,8 @@ class SignalLayer:
     bias: torch.Tensor | None  # wanted flat indices into its bias, or None
     out_shape: tuple[int, ...] = ()
     units: torch.Tensor | None = None  # the output units (channels / features) whose signals are needed; None: all
+    # index work that depends on the wanted entries and the shapes only, done on the first chunk (see _cached)
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def unit_dim(self) -> int:
@@ -250,41 +252,163 @@ def layer_signals(
     return out.detach(), signals, saved
 
 
-def _take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
-    """``t.index_select(dim, idx)``, or ``t`` itself when ``idx`` is every index in order (no copy)."""
+def _cached(layer: SignalLayer, key: tuple, make: Callable[[], object]):
+    """``make()``, computed once per layer and ``key`` (the shapes it depends on): the index work of the closed
+    forms depends only on the wanted entries and the shapes, not on the chunk's values, so later chunks reuse it."""
+    if key not in layer.plans:
+        layer.plans[key] = make()
+    return layer.plans[key]
+
+
+def _subset(idx: torch.Tensor, n: int) -> torch.Tensor | None:
+    """``idx``, or None when it is every index 0..n-1 in order (a gather that :func:`_take` skips)."""
+    if len(idx) == n and bool((idx == torch.arange(n, device=idx.device)).all()):
+        return None
+    return idx
+
+
+def _take(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
+    """``t.index_select(dim, idx)``, or ``t`` itself when ``idx`` is None or every index in order (no copy)."""
+    if idx is None:
+        return t
     n = t.shape[dim]
     if len(idx) == n and bool((idx == torch.arange(n, device=idx.device)).all()):
         return t
     return t.index_select(dim, idx)
 
 
+def _kept_positions(layer: SignalLayer, attr: str, n_kept: int) -> torch.Tensor | None:
+    """Where the wanted entries of ``layer.<attr>`` (one per unit: a bias, a normalisation layer's weight) sit
+    among the ``n_kept`` units whose signals the layer keeps; None: all of them, in order."""
+    return _cached(layer, ("kept", attr, n_kept), lambda: _subset(layer.unit_positions(getattr(layer, attr)), n_kept))
+
+
+def _wanted_units(layer: SignalLayer, attr: str, n_units: int) -> torch.Tensor | None:
+    """The wanted entries of ``layer.<attr>`` (one per unit) among all ``n_units``; None: all, in order."""
+    return _cached(layer, ("wanted", attr, n_units), lambda: _subset(getattr(layer, attr), n_units))
+
+
 #: Wanted entries are formed from the whole block of their distinct rows x distinct columns by one batched
 #: matrix product (then gathered) unless that block is more than this many times their number.
 _BLOCK_RATIO = 32
-#: Sparse entries over fewer positions than this are gathered and multiplied elementwise (in pieces of at most
-#: _GATHER_ELEMENTS numbers); over more, one batched matrix product per distinct row.
+#: ... or, over at most _FEW_POSITIONS positions, more than this many times the padded row-wise products
+#: (:func:`rowwise_products`), whose small batched products run several times slower per multiply-add than the
+#: block's (over more positions their copies of the signals cost more than the block saves).
+_ROWWISE_RATIO = 6
+_FEW_POSITIONS = 64
+#: Row-wise products are padded to the row with the most wanted entries; when that padding would more than
+#: _PAD_RATIO-fold the entries, sparse sets are instead gathered and multiplied elementwise (in pieces of at most
+#: _GATHER_ELEMENTS numbers) over few positions, or taken by one batched matrix product per distinct row.
+_PAD_RATIO = 4
 _GATHER_POSITIONS = 64
 _GATHER_ELEMENTS = 2**22
 
 
-def gather_products(g: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """out[b, c, k] = sum_l g[b, c, rows[k], l] * u[b, cols[k], l].
+@dataclass(frozen=True)
+class RowPlan:
+    """Wanted (row, col) pairs grouped by row and padded: ``pad`` (rows, width) holds each distinct row's columns
+    (padding repeats column 0), ``where[k]`` is pair k's place in the flattened (rows x width) products."""
 
-    When the block spanned by the wanted (row, col) pairs' distinct rows and distinct columns is at most
-    ``_BLOCK_RATIO`` times their number, every product of that block is formed by one batched matrix product
-    (an outer product for l = 1, e.g. a linear layer) and the wanted entries are gathered from it. Sparser sets
-    are gathered and multiplied elementwise when l is small (l = 1, or a Linear mapped over a few positions),
-    or grouped by row, one batched matrix product per distinct row (convolutions: l runs over positions)."""
-    b, c, n_rows, n_pos = g.shape
+    rows: torch.Tensor | None  # the distinct rows, sorted; None: every row in order
+    pad: torch.Tensor  # (number of distinct rows, width) columns
+    where: torch.Tensor  # (k,) flat positions into (rows * width)
+
+    @property
+    def size(self) -> int:
+        return int(self.pad.numel())
+
+
+def row_plan(rows: torch.Tensor, cols: torch.Tensor, n_rows: int | None = None) -> RowPlan:
+    """Group the pairs (rows[k], cols[k]) by row, padded to the longest row (see :class:`RowPlan`); ``n_rows``:
+    how many rows there are (to know when every one is used)."""
+    distinct, row_pos = torch.unique(rows, return_inverse=True)
+    order = torch.argsort(row_pos, stable=True)
+    counts = torch.bincount(row_pos, minlength=len(distinct))
+    width = int(counts.max()) if len(counts) else 0
+    sorted_rows = row_pos[order]
+    slot = torch.arange(len(rows), device=rows.device) - (torch.cumsum(counts, 0) - counts)[sorted_rows]
+    pad = torch.zeros(len(distinct), width, dtype=torch.int64, device=rows.device)
+    pad[sorted_rows, slot] = cols[order]
+    where = torch.empty_like(order)
+    where[order] = sorted_rows * width + slot
+    return RowPlan(distinct if n_rows is None else _subset(distinct, n_rows), pad, where)
+
+
+def rowwise_products(g: torch.Tensor, u: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+    """out[b, c, k] = sum_l g[b, c, rows[k], l] * u[b, cols[k], l] for the pairs of ``plan``: one batched matrix
+    product over (sample, distinct row) of that row's signals (C x L) by its padded columns of ``u`` (L x width),
+    then a gather of the wanted places. Cost: B x rows x C x width x L multiply-adds, and a copy of the signals
+    of the rows and of the padded columns of ``u``."""
+    b, c, _, n_pos = g.shape
+    n_r, width = plan.pad.shape
+    ug = u.index_select(1, plan.pad.reshape(-1)).view(b, n_r, width, n_pos)
+    prod = torch.matmul(_take(g, 2, plan.rows).transpose(1, 2), ug.transpose(2, 3))  # (B, rows, C, width)
+    return prod.transpose(1, 2).reshape(b, c, n_r * width).index_select(2, plan.where)
+
+
+@dataclass(frozen=True)
+class ProductPlan:
+    """How :func:`gather_products` forms its entries for given pairs and shapes: the path and its index work."""
+
+    path: str  # "block", "elementwise", "rowwise", "gather" or "loop"
+    rows: torch.Tensor
+    cols: torch.Tensor
+    block_rows: torch.Tensor | None = None  # block: its rows and columns (None: all, in order)
+    block_cols: torch.Tensor | None = None
+    block_width: int = 0
+    flat: torch.Tensor | None = None  # block: the wanted places in it (None: all, in order)
+    rowwise: RowPlan | None = None
+    loop: tuple | None = None  # loop: (order, cols in that order, [(row, count)], inverse order)
+
+
+def product_plan(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int, n_pos: int) -> ProductPlan:
+    """Choose the path of :func:`gather_products` for the pairs (rows[k], cols[k]) of ``n_rows`` x ``n_cols``
+    products over ``n_pos`` positions, and do its index work."""
     distinct_rows, row_pos = torch.unique(rows, return_inverse=True)
     distinct_cols, col_pos = torch.unique(cols, return_inverse=True)
     n_r, n_c, k = len(distinct_rows), len(distinct_cols), len(rows)
+    rowwise = row_plan(rows, cols, n_rows) if n_pos > 1 else None
     if 2 * n_r > n_rows:  # most rows: the block spans them all, rather than gathering them first
         distinct_rows, row_pos, n_r = torch.arange(n_rows, device=rows.device), rows, n_rows
-    if 2 * n_c > u.shape[1]:
-        distinct_cols, col_pos, n_c = torch.arange(u.shape[1], device=cols.device), cols, u.shape[1]
-    if n_r * n_c <= _BLOCK_RATIO * k:
-        gs, us = _take(g, 2, distinct_rows), _take(u, 1, distinct_cols)
+    if 2 * n_c > n_cols:
+        distinct_cols, col_pos, n_c = torch.arange(n_cols, device=cols.device), cols, n_cols
+    if n_r * n_c <= _BLOCK_RATIO * k and (
+        rowwise is None or n_pos > _FEW_POSITIONS or n_r * n_c <= _ROWWISE_RATIO * rowwise.size
+    ):
+        block_rows, block_cols = _subset(distinct_rows, n_rows), _subset(distinct_cols, n_cols)
+        flat = _subset(row_pos * n_c + col_pos, n_r * n_c)
+        return ProductPlan("block", rows, cols, block_rows, block_cols, n_c, flat)
+    if n_pos == 1:
+        return ProductPlan("elementwise", rows, cols)
+    if rowwise.size <= _PAD_RATIO * k:
+        return ProductPlan("rowwise", rows, cols, rowwise=rowwise)
+    if n_pos < _GATHER_POSITIONS:
+        return ProductPlan("gather", rows, cols)
+    order = torch.argsort(rows, stable=True)
+    distinct, counts = torch.unique_consecutive(rows[order], return_counts=True)
+    groups = list(zip(distinct.tolist(), counts.tolist(), strict=True))
+    return ProductPlan("loop", rows, cols, loop=(order, cols[order], groups, torch.argsort(order)))
+
+
+def gather_products(
+    g: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, plan: ProductPlan | None = None
+) -> torch.Tensor:
+    """out[b, c, k] = sum_l g[b, c, rows[k], l] * u[b, cols[k], l].
+
+    When the block spanned by the wanted (row, col) pairs' distinct rows and distinct columns is at most
+    ``_BLOCK_RATIO`` times their number and (over few positions) at most ``_ROWWISE_RATIO`` times the padded
+    row-wise products, every product of that block is formed by one batched matrix product (an outer product for
+    l = 1, e.g. a linear layer) and the wanted entries are gathered from it. Otherwise, for l > 1, the padded
+    row-wise products (:func:`rowwise_products`) unless padding would cost more than ``_PAD_RATIO`` times the
+    entries; then sparse sets are gathered and multiplied elementwise when l is small (l = 1, or a Linear mapped
+    over a few positions), or grouped by row, one batched matrix product per distinct row. ``plan``: the
+    :func:`product_plan` of these pairs and shapes, when the caller keeps it (it is made here otherwise)."""
+    b, c, n_rows, n_pos = g.shape
+    if plan is None:
+        plan = product_plan(rows, cols, n_rows, u.shape[1], n_pos)
+    if plan.path == "block":
+        gs, us = _take(g, 2, plan.block_rows), _take(u, 1, plan.block_cols)
+        n_r, n_c = gs.shape[2], us.shape[1]
         if n_pos == 1:
             full = gs[..., 0].unsqueeze(3) * us[:, None, :, 0].unsqueeze(2)  # (B, C, n_r, n_c)
         else:  # one batched product per objective: signals laid out objective-major need no copy
@@ -292,24 +416,26 @@ def gather_products(g: torch.Tensor, u: torch.Tensor, rows: torch.Tensor, cols: 
             for i in range(c):
                 torch.matmul(gs[:, i], us.transpose(1, 2), out=full[i])
             full = full.transpose(0, 1)
-        return _take(full.reshape(b, c, n_r * n_c), 2, row_pos * n_c + col_pos)
-    if n_pos == 1:
+        return _take(full.reshape(b, c, n_r * n_c), 2, plan.flat)
+    if plan.path == "elementwise":
         return g[..., 0].index_select(2, rows) * u[:, :, 0].index_select(1, cols).unsqueeze(1)
-    if n_pos < _GATHER_POSITIONS:
+    if plan.path == "rowwise":
+        return rowwise_products(g, u, plan.rowwise)
+    k = len(rows)
+    if plan.path == "gather":
         step = max(1, _GATHER_ELEMENTS // (b * c * n_pos))
         pieces = [
             (g.index_select(2, rows[s : s + step]) * u.index_select(1, cols[s : s + step]).unsqueeze(1)).sum(3)
             for s in range(0, k, step)
         ]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
-    order = torch.argsort(rows, stable=True)
-    u_sorted = u.index_select(1, cols[order])  # (B, k, L), grouped by row: each group is a contiguous slice
+    _, cols_sorted, groups, inverse = plan.loop
+    u_sorted = u.index_select(1, cols_sorted)  # (B, k, L), grouped by row: each group is a contiguous slice
     blocks, start = [], 0
-    distinct, counts = torch.unique_consecutive(rows[order], return_counts=True)
-    for r, n in zip(distinct.tolist(), counts.tolist(), strict=True):
+    for r, n in groups:
         blocks.append(torch.matmul(g[:, :, r, :], u_sorted[:, start : start + n, :].transpose(1, 2)))
         start += n
-    return torch.cat(blocks, dim=2).index_select(2, torch.argsort(order))
+    return torch.cat(blocks, dim=2).index_select(2, inverse)
 
 
 def _normalised(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -332,25 +458,26 @@ def _norm_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[
     if isinstance(m, _CHANNEL_NORMS):  # parameters along dimension 1
         g2 = g.reshape(b, c, g.shape[2], -1)  # (B, C, units kept, positions)
         if layer.weight is not None:
-            gw = _take(g2, 2, layer.unit_positions(layer.weight))
+            gw = _take(g2, 2, _kept_positions(layer, "weight", g2.shape[2]))
+            wanted = _wanted_units(layer, "weight", a.shape[1])
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                a_w = _take(a, 1, layer.weight).reshape(b, 1, len(layer.weight), -1)
-                sums = (gw * a_w).sum(3) - m.running_mean[layer.weight] * gw.sum(3)
-                out["weight"] = sums / torch.sqrt(m.running_var[layer.weight] + m.eps)
+                a_w = _take(a, 1, wanted).reshape(b, 1, len(layer.weight), -1)
+                sums = (gw * a_w).sum(3) - _take(m.running_mean, 0, wanted) * gw.sum(3)
+                out["weight"] = sums / torch.sqrt(_take(m.running_var, 0, wanted) + m.eps)
             else:
-                a_hat = _take(_normalised(m, a), 1, layer.weight).reshape(b, 1, len(layer.weight), -1)
+                a_hat = _take(_normalised(m, a), 1, wanted).reshape(b, 1, len(layer.weight), -1)
                 out["weight"] = (gw * a_hat).sum(3)
         if layer.bias is not None:
-            out["bias"] = _take(g2, 2, layer.unit_positions(layer.bias)).sum(3)
+            out["bias"] = _take(g2, 2, _kept_positions(layer, "bias", g2.shape[2])).sum(3)
         return out
     n_param = m.weight.numel() if m.weight is not None else m.bias.numel()
     n_kept = n_param if layer.units is None else len(layer.units)
     g2 = g.reshape(b, c, -1, n_kept)  # (B, C, leading positions, parameter entries kept)
     if layer.weight is not None:
-        a_hat = _take(_normalised(m, a).reshape(b, 1, -1, n_param), 3, layer.weight)
-        out["weight"] = (_take(g2, 3, layer.unit_positions(layer.weight)) * a_hat).sum(2)
+        a_hat = _take(_normalised(m, a).reshape(b, 1, -1, n_param), 3, _wanted_units(layer, "weight", n_param))
+        out["weight"] = (_take(g2, 3, _kept_positions(layer, "weight", n_kept)) * a_hat).sum(2)
     if layer.bias is not None:
-        out["bias"] = _take(g2, 3, layer.unit_positions(layer.bias)).sum(2)
+        out["bias"] = _take(g2, 3, _kept_positions(layer, "bias", n_kept)).sum(2)
     return out
 
 
@@ -385,6 +512,14 @@ def _conv_as_2d(m: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, dict]:
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
         a, padding = nn.functional.pad(a, pad, mode=mode), (0, 0)
     return a, {"kernel": two(m.kernel_size), "stride": two(m.stride), "dilation": two(m.dilation), "padding": padding}
+
+
+def _unfold(a: torch.Tensor, geom: dict) -> torch.Tensor:
+    """The unfolded input (B, in * kh * kw, output positions) of a 2-D convolution: for a 1x1 kernel with
+    stride 1 and no padding, the input itself reshaped (no copy)."""
+    if geom["kernel"] == (1, 1) and geom["stride"] == (1, 1) and tuple(geom["padding"]) == (0, 0):
+        return a.reshape(a.shape[0], a.shape[1], -1)
+    return nn.functional.unfold(a, geom["kernel"], geom["dilation"], geom["padding"], geom["stride"])
 
 
 def conv_weight_grads(geom: dict, groups: int, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -429,14 +564,56 @@ def _signals_2d(g: torch.Tensor) -> torch.Tensor:
 
 #: The weight-gradient convolution forms a whole block of entries (rows x input channels x kernel) at a cost
 #: per entry several times below that of the per-row products, so it is used unless the wanted entries fill
-#: less than 1 / _CONV_BLOCK_RATIO of that block.
+#: less than 1 / _CONV_BLOCK_RATIO of that block, or the layer has few output positions (the kernel's matrix
+#: products per sample are small) and the block is more than _ROWWISE_RATIO times the padded row-wise products,
+#: or a 1x1 kernel (batched matrix products on the input itself are faster).
 _CONV_BLOCK_RATIO = 32
+
+
+def _conv_plan(layer: SignalLayer, kk: int, n_pos: int, n_kept: int) -> dict:
+    """The index work of :func:`_conv_entries` (see there), for a layer whose kernel has ``kk`` entries, with
+    ``n_pos`` output positions and ``n_kept`` output channels' signals kept."""
+    m = layer.module
+    q_g = m.weight[0].numel()  # in/groups * kk: one output channel's entries
+    rows, within = layer.weight // q_g, layer.weight % q_g
+    if m.groups == 1:
+        distinct_rows = torch.unique(rows)
+        channels = torch.unique(within // kk)
+        block = len(distinct_rows) * len(channels) * kk
+    else:
+        block = m.weight.numel()
+    cols = (rows // (m.out_channels // m.groups)) * q_g + within  # columns of the whole unfolded input
+    # a 1x1 kernel: unfolding is a reshape, and batched matrix products beat the weight-gradient kernel
+    if (
+        kk > 1
+        and block <= _CONV_BLOCK_RATIO * len(layer.weight)
+        and not (n_pos <= _FEW_POSITIONS and block > _ROWWISE_RATIO * row_plan(rows, cols).size)
+    ):
+        if m.groups > 1:
+            return {"path": "conv", "rows": None, "channels": None, "flat": _subset(layer.weight, m.weight.numel())}
+        flat = torch.searchsorted(distinct_rows, rows) * (len(channels) * kk)
+        flat = flat + torch.searchsorted(channels, within // kk) * kk + within % kk
+        return {
+            "path": "conv",
+            "rows": _subset(layer.unit_positions(distinct_rows), n_kept),
+            "channels": _subset(channels, m.in_channels),
+            "flat": _subset(flat, block),
+        }
+    # sparse: per-row products with the unfolded input, on the input channels read only
+    channels = torch.unique(cols // kk)
+    if len(channels) < m.in_channels:
+        cols = torch.searchsorted(channels, cols // kk) * kk + cols % kk
+    rows = layer.unit_positions(rows)
+    plan = product_plan(rows, cols, n_kept, len(channels) * kk, n_pos)
+    return {"path": "products", "channels": _subset(channels, m.in_channels), "plan": plan}
 
 
 def _conv_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Convolutions: d weight[o, j, k] = sum over output positions of g_o times the input patch entry it
-    multiplies (by :func:`conv_weight_grads` on the block of wanted rows and read input channels, or, for
-    sparse sets, by per-row products with the unfolded input), d bias = sum of g over positions."""
+    multiplies, by :func:`conv_weight_grads` on the block of wanted rows and read input channels, or by
+    :func:`gather_products` with the unfolded input (input channels read only) when the wanted entries fill
+    little of that block, when the layer has few output positions and the padded row-wise products cost much
+    less than the block, or for a 1x1 kernel; d bias = sum of g over positions."""
     m = layer.module
     b, c = g.shape[:2]
     out: dict[str, torch.Tensor] = {}
@@ -444,37 +621,18 @@ def _conv_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[
         a2, geom = _conv_as_2d(m, a)
         g2 = _signals_2d(g)
         kk = geom["kernel"][0] * geom["kernel"][1]
-        q_g = m.weight[0].numel()  # in/groups * kk: one output channel's entries
-        rows, within = layer.weight // q_g, layer.weight % q_g
-        if m.groups == 1:
-            distinct_rows = torch.unique(rows)
-            channels = torch.unique(within // kk)
-            block = len(distinct_rows) * len(channels) * kk
+        n_pos = int(np.prod(g2.shape[3:]))
+        plan = _cached(layer, ("conv", kk, n_pos, g2.shape[2]), lambda: _conv_plan(layer, kk, n_pos, g2.shape[2]))
+        a2 = _take(a2, 1, plan["channels"])
+        if plan["path"] == "conv":
+            g2 = _take(g2, 2, plan["rows"])
+            full = conv_weight_grads(geom, m.groups, a2, g2).reshape(b, c, -1)
+            out["weight"] = _take(full, 2, plan["flat"])
         else:
-            block = m.weight.numel()
-        if block <= _CONV_BLOCK_RATIO * len(layer.weight):
-            if m.groups == 1:
-                kept_rows = layer.unit_positions(distinct_rows)
-                if len(distinct_rows) < g2.shape[2]:
-                    g2 = g2.index_select(2, kept_rows)
-                if len(channels) < m.in_channels:
-                    a2 = a2.index_select(1, channels)
-                full = conv_weight_grads(geom, 1, a2, g2).reshape(b, c, -1)
-                flat = torch.searchsorted(distinct_rows, rows) * (len(channels) * kk)
-                flat = flat + torch.searchsorted(channels, within // kk) * kk + within % kk
-            else:
-                full, flat = conv_weight_grads(geom, m.groups, a2, g2).reshape(b, c, -1), layer.weight
-            out["weight"] = _take(full, 2, flat)
-        else:  # sparse: per-row products with the unfolded input, on the input channels read only
-            cols = (rows // (m.out_channels // m.groups)) * q_g + within  # columns of the whole unfolded input
-            channels = torch.unique(cols // kk)
-            if len(channels) < m.in_channels:
-                a2 = a2.index_select(1, channels)
-                cols = torch.searchsorted(channels, cols // kk) * kk + cols % kk
-            u = nn.functional.unfold(a2, geom["kernel"], geom["dilation"], geom["padding"], geom["stride"])
-            out["weight"] = gather_products(g2.reshape(b, c, g2.shape[2], -1), u, layer.unit_positions(rows), cols)
+            pp = plan["plan"]
+            out["weight"] = gather_products(g2.reshape(b, c, g2.shape[2], -1), _unfold(a2, geom), pp.rows, pp.cols, pp)
     if layer.bias is not None:
-        out["bias"] = _take(g.reshape(b, c, g.shape[2], -1), 2, layer.unit_positions(layer.bias)).sum(3)
+        out["bias"] = _take(g.reshape(b, c, g.shape[2], -1), 2, _kept_positions(layer, "bias", g.shape[2])).sum(3)
     return out
 
 
@@ -491,7 +649,7 @@ def _conv_squared_norms(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) ->
         a2, geom = _conv_as_2d(m, a)
         q, n_pos = m.weight[0].numel(), g_flat.shape[3]
         if m.groups == 1 and 4 * n_pos * n_pos * (m.out_channels + q) < m.out_channels * q * n_pos:
-            u = nn.functional.unfold(a2, geom["kernel"], geom["dilation"], geom["padding"], geom["stride"])
+            u = _unfold(a2, geom)
             gram_u = torch.matmul(u.transpose(1, 2), u)  # (B, L, L)
             gram_g = torch.matmul(g_flat.transpose(2, 3), g_flat)  # (B, C, L, L)
             out["weight"] = (gram_g * gram_u.unsqueeze(1)).sum((2, 3))
@@ -527,9 +685,14 @@ def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -
     k = len(layer.weight)
     tokens = idx.reshape(b, -1)  # (B, T)
     g2 = g.reshape(b, c, tokens.shape[1], -1)  # (B, C, T, columns kept)
-    # wanted entries are sorted by flat index, so grouped by row: row r's entries are starts[r] .. + counts[r]
-    vocab_rows, counts = torch.unique_consecutive(layer.weight // m.embedding_dim, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
+
+    def make() -> tuple[torch.Tensor, ...]:
+        # wanted entries are sorted by flat index, so grouped by row: row r's entries are starts[r] .. + counts[r]
+        vocab_rows, counts = torch.unique_consecutive(layer.weight // m.embedding_dim, return_counts=True)
+        cols = layer.unit_positions(layer.weight % m.embedding_dim)
+        return vocab_rows, counts, torch.cumsum(counts, 0) - counts, cols
+
+    vocab_rows, counts, starts, cols = _cached(layer, ("embedding",), make)
     where = torch.searchsorted(vocab_rows, tokens.contiguous()).clamp_max(len(vocab_rows) - 1)
     hit = vocab_rows[where] == tokens
     if m.padding_idx is not None:  # that row's gradient is zero
@@ -540,12 +703,15 @@ def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -
     token = torch.repeat_interleave(torch.arange(len(rows), device=g.device), per_token)  # one per pair
     first = torch.repeat_interleave(torch.cumsum(per_token, 0) - per_token, per_token)
     entry = starts[rows][token] + torch.arange(len(token), device=g.device) - first  # the pair's wanted entry
-    cols = layer.unit_positions(layer.weight % m.embedding_dim)
-    values = g2[sample[token], :, position[token], cols[entry]]  # (pairs, C)
+    # gather from the objective-major layout (C, B * T * columns), as the vectorised backward leaves the signals:
+    # one contiguous gather per objective, not an advanced index with a slice in the middle
+    per_objective = g2.transpose(0, 1).reshape(c, -1)
+    flat = (sample[token] * tokens.shape[1] + position[token]) * g2.shape[3] + cols[entry]
+    values = per_objective.index_select(1, flat)  # (C, pairs)
     if m.scale_grad_by_freq:
-        values = values * _token_weights(m, tokens, g.dtype)[sample, position][token].unsqueeze(1)
-    out = g.new_zeros(b * k, c).index_add_(0, sample[token] * k + entry, values)
-    return {"weight": out.view(b, k, c).transpose(1, 2)}
+        values = values * _token_weights(m, tokens, g.dtype)[sample, position][token]
+    out = g.new_zeros(c, b * k).index_add_(1, sample[token] * k + entry, values)
+    return {"weight": out.view(c, b, k).transpose(0, 1)}
 
 
 def _embedding_squared_norms(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -593,10 +759,15 @@ def layer_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[
     a2 = a.reshape(b, -1, m.in_features)  # (B, T, in): T > 1 when the layer maps over extra dimensions
     g2 = g.reshape(b, c, -1, g.shape[-1])  # (B, C, T, units kept)
     if layer.weight is not None:
-        rows = layer.unit_positions(layer.weight // m.in_features)
-        out["weight"] = gather_products(g2.transpose(2, 3), a2.transpose(1, 2), rows, layer.weight % m.in_features)
+
+        def make() -> ProductPlan:
+            rows = layer.unit_positions(layer.weight // m.in_features)
+            return product_plan(rows, layer.weight % m.in_features, g2.shape[3], m.in_features, g2.shape[2])
+
+        plan = _cached(layer, ("linear", g2.shape[2], g2.shape[3]), make)
+        out["weight"] = gather_products(g2.transpose(2, 3), a2.transpose(1, 2), plan.rows, plan.cols, plan)
     if layer.bias is not None:
-        out["bias"] = _take(g2, 3, layer.unit_positions(layer.bias)).sum(2)
+        out["bias"] = _take(g2, 3, _kept_positions(layer, "bias", g2.shape[3])).sum(2)
     return out
 
 
