@@ -225,12 +225,13 @@ def test_bad_weighting_is_an_error():
 _DIAGONAL = (torch.arange(6), torch.tensor([4, 0, 7, 1, 9, 3]))  # 6 pairs in 6 rows x 6 cols: the per-row path
 
 
-@pytest.mark.parametrize("positions", [7, 1])  # a convolution's output positions; 1: a linear layer
-@pytest.mark.parametrize("pairs", ["diagonal", "block", "whole", "random"])
+@pytest.mark.parametrize("positions", [7, 1, 70])  # a convolution's output positions; 1: a linear layer
+@pytest.mark.parametrize("pairs", ["diagonal", "block", "whole", "random", "skewed"])
 def test_gathered_products_equal_an_einsum(pairs, positions):
-    """Every path of gather_products (one product per distinct row, a dense block of the wanted rows and
-    columns then a gather, the whole block in order) against an einsum over every (row, col) pair."""
-    from activelab.inference.signals import gather_products
+    """Every path of gather_products (a dense block of the wanted rows and columns then a gather, the whole
+    block in order, padded row-wise products, elementwise gathers, one product per distinct row) against an
+    einsum over every (row, col) pair, with and without a plan made beforehand."""
+    from activelab.inference.signals import gather_products, product_plan
 
     n_rows, n_cols = 8, 10
     g = torch.randn(2, 3, n_rows, positions, generator=torch.Generator().manual_seed(0))  # (B, C, rows, L)
@@ -241,11 +242,41 @@ def test_gathered_products_equal_an_einsum(pairs, positions):
         rows, cols = torch.tensor([5, 1, 1, 5, 1]), torch.tensor([8, 2, 3, 2, 8])
     elif pairs == "whole":
         rows, cols = torch.arange(n_rows * n_cols) // n_cols, torch.arange(n_rows * n_cols) % n_cols
+    elif pairs == "skewed":  # row 2 holds every column, rows 0 and 6 one each: padding would triple the pairs
+        rows, cols = torch.tensor([2] * n_cols + [0, 6]), torch.tensor(list(range(n_cols)) + [4, 9])
     else:
         flat = torch.randperm(n_rows * n_cols, generator=torch.Generator().manual_seed(2))[:30]
         rows, cols = flat // n_cols, flat % n_cols
     expected = torch.einsum("bcrl,bql->bcrq", g, u)[:, :, rows, cols]
+    plan = product_plan(rows, cols, n_rows, n_cols, positions)
+    paths = {
+        "diagonal": "rowwise" if positions == 7 else "block",  # few positions: padded rows beat the block
+        "block": "block",
+        "whole": "block",
+        "random": "block",
+        "skewed": "block",
+    }
+    assert plan.path == paths[pairs]
     torch.testing.assert_close(gather_products(g, u, rows, cols), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gather_products(g, u, rows, cols, plan), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("positions", [7, 70])
+def test_sparse_skewed_pairs_take_the_gather_and_per_row_paths(positions):
+    """Pairs spread so thin that the block is more than 32x their number and padding every row to the longest
+    would more than quadruple them: elementwise gathers (few positions) or one product per row (many)."""
+    from activelab.inference.signals import gather_products, product_plan
+
+    n_rows, n_cols = 200, 200
+    g = torch.randn(2, 3, n_rows, positions, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u = torch.randn(2, n_cols, positions, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # 51 pairs on 40 rows x 51 columns (a block of 2,040 > 32 x 51); row 5 holds 12: padded to 40 x 12 = 480
+    rows = torch.tensor([5] * 12 + list(range(100, 139)))
+    cols = torch.tensor(list(range(12)) + list(range(150, 189)))
+    plan = product_plan(rows, cols, n_rows, n_cols, positions)
+    assert plan.path == ("gather" if positions < 64 else "loop")
+    expected = torch.einsum("bcrl,bql->bcrq", g, u)[:, :, rows, cols]
+    torch.testing.assert_close(gather_products(g, u, rows, cols, plan), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("fraction", [0.05, 0.3, 1.0])

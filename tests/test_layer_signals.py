@@ -265,3 +265,115 @@ def test_sparse_masks_take_the_per_entry_paths_and_equal_the_loop(monkeypatch):
     grads, _ = _loop_log_prob_grads(model, pool, np.arange(4))
     expected = torch.cat([grads[n][:, :, idx] for n, idx in indices.items()], dim=2).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("fraction", [0.04, 1.0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fisher_embeddings_one_class_at_a_time_equal_the_loop(kind, fraction, monkeypatch):
+    """The streamed signal method (one backward pass per class, each class's entries formed from its signals,
+    work on each layer's input kept across the classes), forced on every model, equals the loop in float64
+    and the vectorised method."""
+    import activelab.inference.fisher as fisher
+    import activelab.inference.signals as signals
+
+    model, pool = _model(kind, torch.float64), _pool(kind, 5, torch.float64)
+    idx = np.array([4, 1, 3, 0, 2])
+    params = dict(model.named_parameters())
+    rng = np.random.default_rng(5)
+    indices = tuple(
+        torch.as_tensor(np.sort(rng.choice(p.numel(), max(1, int(fraction * p.numel())), replace=False)))
+        for p in params.values()
+    )
+    mask = FisherMask(tuple(params), indices, "fc.weight", False)
+    vectorised = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 2)]).numpy()
+    streams = []
+    real = signals.layer_signal_stream
+    monkeypatch.setattr(fisher, "STREAM_BYTES", 0)
+    monkeypatch.setattr(fisher, "_grouped", lambda layer: False)  # bn_conv holds a grouped conv
+    monkeypatch.setattr(fisher, "layer_signal_stream", lambda *a: streams.append(1) or real(*a))
+    got = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 2)]).numpy()
+    assert len(streams) == 3  # one per chunk
+    grads, _ = _loop_log_prob_grads(model, pool, idx)
+    expected = torch.cat([grads[n][:, :, i] for n, i in zip(params, indices, strict=True)], dim=2).numpy()
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * scale)
+    np.testing.assert_allclose(got, vectorised, rtol=1e-12, atol=1e-12 * scale)
+
+
+class RowsNet(nn.Module):
+    """Image rows as 16 channels over 16 steps: Conv1d 5 (few positions), a strided, dilated Conv1d, a grouped
+    Conv1d with reflect padding, then a 1x1 Conv2d and the classifier."""
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(16, 24, 5, padding=2)
+        self.c2 = nn.Conv1d(24, 48, 3, stride=2, dilation=2, padding=2)  # 16 -> 8 positions
+        self.c3 = nn.Conv1d(48, 48, 3, padding=1, groups=4, padding_mode="reflect")
+        self.pw = nn.Conv2d(48, 32, 1)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c3(torch.tanh(self.c2(torch.tanh(self.c1(x[:, 0]))))))  # (B, 48, 8)
+        return self.fc(torch.tanh(self.pw(h.unsqueeze(3))).mean(dim=(2, 3)))
+
+
+def _rows_model_and_pool() -> tuple[nn.Module, torch.utils.data.TensorDataset]:
+    torch.manual_seed(0)
+    model = RowsNet().double().eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(3)
+    x = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    return model, torch.utils.data.TensorDataset(x, torch.zeros(6, dtype=torch.long))
+
+
+def _counting(monkeypatch, module, name: str, calls: dict) -> None:
+    real = getattr(module, name)
+    calls[name] = 0
+
+    def wrapped(*args, **kwargs):
+        calls[name] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_conv1d_gradient_norms_through_the_input_gram_equal_the_loop(monkeypatch):
+    """The Conv1d layers with few positions take the shifted input Gram (no unfold; stride, dilation and zero
+    padding on c2), the grouped one (reflect padding) the weight-gradient convolution: float64, 1e-10."""
+    import activelab.inference.signals as signals
+
+    model, pool = _rows_model_and_pool()
+    calls: dict[str, int] = {}
+    _counting(monkeypatch, signals, "_shifted_gram", calls)
+    idx = np.array([5, 0, 2, 4, 1, 3])
+    got = entropy_gradient_norms(model, pool, idx, norm="per_tensor_sum", chunk_size=3)
+    assert calls["_shifted_gram"] == 4  # c1 and c2, two chunks
+    np.testing.assert_allclose(got, entropy_gradient_norms_loop(model, pool, idx), rtol=1e-10)
+
+
+def test_conv1d_and_pointwise_fisher_entries_take_the_row_wise_products(monkeypatch):
+    """A 5% mask: the Conv1d layers (16 and 8 positions; each block more than 6x its padded rows) and the 1x1
+    convolution form their entries by padded row-wise products, not the weight-gradient convolution; float64
+    against the loop."""
+    import activelab.inference.signals as signals
+
+    model, pool = _rows_model_and_pool()
+    params = dict(model.named_parameters())
+    rng = np.random.default_rng(7)
+    indices = tuple(
+        torch.as_tensor(np.sort(rng.choice(p.numel(), max(1, int(0.05 * p.numel())), replace=False)))
+        if n != "fc.weight"
+        else torch.arange(p.numel())
+        for n, p in params.items()
+    )
+    mask = FisherMask(tuple(params), indices, "fc.weight", False)
+    calls: dict[str, int] = {}
+    _counting(monkeypatch, signals, "rowwise_products", calls)
+    idx = np.arange(6)
+    got = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 3)]).numpy()
+    assert calls["rowwise_products"] == 8  # c1, c2, c3 and pw, two chunks
+    grads, _ = _loop_log_prob_grads(model, pool, idx)
+    expected = torch.cat([grads[n][:, :, i] for n, i in zip(params, indices, strict=True)], dim=2).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())

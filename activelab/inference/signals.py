@@ -32,7 +32,7 @@ Layers of other types, or called more than once per forward pass, are not handle
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -178,23 +178,14 @@ def plan_signal_layers(
     return kept, fallback
 
 
-def layer_signals(
+def _forward_with_signal_hooks(
     model: nn.Module,
     layers: Sequence[SignalLayer],
     x: torch.Tensor,
     objectives: Callable[[torch.Tensor], Sequence[torch.Tensor]],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One forward pass over the batch with a hook adding a zero tensor (requiring grad) to each signal layer's
-    output and saving its input, then the gradients of each objective w.r.t. those zeros.
-
-    ``objectives(output)`` returns scalars, each a sum over the batch of a per-sample quantity. The parameters
-    are held constant (only the zeros require grad), so each pass computes the gradients w.r.t. the layer
-    outputs and nothing else; as samples do not interact in eval mode, the gradient of the sum at sample b is
-    sample b's own. Several objectives are differentiated in one backward pass vectorised over them (unless
-    the model holds a module in ``VMAP_UNSAFE``). Returns (output detached, {name: signals (B, n_objectives,
-    *out)}, {name: input (B, *in)}), where a layer with ``units`` keeps only those units' signals (along its
-    ``unit_dim``); the signals may be a strided view.
-    """
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The forward pass of :func:`layer_signals`: (output, objectives, the zeros added to the layers' outputs
+    in the order of ``layers``, {name: the layer's input detached})."""
     const = {n: p.detach() for n, p in model.named_parameters()}
     const.update({n: b.detach() for n, b in model.named_buffers()})
     eps: dict[str, torch.Tensor] = {}
@@ -216,10 +207,57 @@ def layer_signals(
     finally:
         for h in handles:
             h.remove()
-    names = [layer.name for layer in layers]
-    if not names:
+    return out, targets, [eps[layer.name] for layer in layers], saved
+
+
+def layer_signal_stream(
+    model: nn.Module,
+    layers: Sequence[SignalLayer],
+    x: torch.Tensor,
+    objectives: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], Iterator[dict[str, torch.Tensor]]]:
+    """:func:`layer_signals` one objective at a time: one forward pass, then (lazily) one backward pass per
+    objective, as a per-objective loop does, each yielding {name: signals (B, 1, *out)} of that objective only.
+    Nothing is stacked over the objectives, and each pass's signals are small enough to stay in cache while a
+    caller forms that objective's closed forms from them. Returns (output detached, {name: input}, the
+    iterator); the iterator must be run to its end (or dropped) before the next forward pass."""
+    out, targets, inputs, saved = _forward_with_signal_hooks(model, layers, x, objectives)
+
+    def passes() -> Iterator[dict[str, torch.Tensor]]:
+        for i, t in enumerate(targets):
+            grads = torch.autograd.grad(
+                t, inputs, retain_graph=i < len(targets) - 1, allow_unused=True, materialize_grads=True
+            )
+            signals = {}
+            for layer, g in zip(layers, grads, strict=True):
+                if layer.units is not None:
+                    g = g.index_select(layer.unit_dim % g.dim(), layer.units)
+                signals[layer.name] = g.unsqueeze(1)
+            yield signals
+
+    return out.detach(), saved, passes() if layers else iter([{} for _ in targets])
+
+
+def layer_signals(
+    model: nn.Module,
+    layers: Sequence[SignalLayer],
+    x: torch.Tensor,
+    objectives: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward pass over the batch with a hook adding a zero tensor (requiring grad) to each signal layer's
+    output and saving its input, then the gradients of each objective w.r.t. those zeros.
+
+    ``objectives(output)`` returns scalars, each a sum over the batch of a per-sample quantity. The parameters
+    are held constant (only the zeros require grad), so each pass computes the gradients w.r.t. the layer
+    outputs and nothing else; as samples do not interact in eval mode, the gradient of the sum at sample b is
+    sample b's own. Several objectives are differentiated in one backward pass vectorised over them (unless
+    the model holds a module in ``VMAP_UNSAFE``). Returns (output detached, {name: signals (B, n_objectives,
+    *out)}, {name: input (B, *in)}), where a layer with ``units`` keeps only those units' signals (along its
+    ``unit_dim``); the signals may be a strided view.
+    """
+    out, targets, inputs, saved = _forward_with_signal_hooks(model, layers, x, objectives)
+    if not layers:
         return out.detach(), {}, saved
-    inputs = [eps[n] for n in names]
     signals = {}
     if len(targets) > 1 and not any(isinstance(m, VMAP_UNSAFE) for m in model.modules()):
         # all objectives in one backward pass, vectorised over them (torch's is_grads_batched): each layer's
@@ -258,6 +296,16 @@ def _cached(layer: SignalLayer, key: tuple, make: Callable[[], object]):
     if key not in layer.plans:
         layer.plans[key] = make()
     return layer.plans[key]
+
+
+def _memo(memo: dict | None, key: str, make: Callable[[], object]):
+    """``make()``, kept in ``memo`` (work on one chunk's layer input, reused across that chunk's objectives when
+    a caller forms the closed forms one objective at a time), or computed afresh when ``memo`` is None."""
+    if memo is None:
+        return make()
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
 
 
 def _subset(idx: torch.Tensor, n: int) -> torch.Tensor | None:
@@ -452,7 +500,9 @@ def _normalised(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return nn.functional.rms_norm(a, m.normalized_shape, None, m.eps)
 
 
-def _norm_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def _norm_entries(
+    layer: SignalLayer, a: torch.Tensor, g: torch.Tensor, memo: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Normalisation layers: d weight = sum of g * a_hat and d bias = sum of g over every output position
     that shares the parameter (spatial positions for channel norms; leading dimensions for LayerNorm).
     BatchNorm in eval mode, a_hat = (a - mean) / sqrt(var + eps) with the running statistics: d weight =
@@ -466,11 +516,13 @@ def _norm_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[
             gw = _take(g2, 2, _kept_positions(layer, "weight", g2.shape[2]))
             wanted = _wanted_units(layer, "weight", a.shape[1])
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                a_w = _take(a, 1, wanted).reshape(b, 1, len(layer.weight), -1)
+                a_w = _memo(memo, "a", lambda: _take(a, 1, wanted).reshape(b, 1, len(layer.weight), -1))
                 sums = (gw * a_w).sum(3) - _take(m.running_mean, 0, wanted) * gw.sum(3)
                 out["weight"] = sums / torch.sqrt(_take(m.running_var, 0, wanted) + m.eps)
             else:
-                a_hat = _take(_normalised(m, a), 1, wanted).reshape(b, 1, len(layer.weight), -1)
+                a_hat = _memo(
+                    memo, "a_hat", lambda: _take(_normalised(m, a), 1, wanted).reshape(b, 1, len(layer.weight), -1)
+                )
                 out["weight"] = (gw * a_hat).sum(3)
         if layer.bias is not None:
             out["bias"] = _take(g2, 2, _kept_positions(layer, "bias", g2.shape[2])).sum(3)
@@ -479,7 +531,8 @@ def _norm_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[
     n_kept = n_param if layer.units is None else len(layer.units)
     g2 = g.reshape(b, c, -1, n_kept)  # (B, C, leading positions, parameter entries kept)
     if layer.weight is not None:
-        a_hat = _take(_normalised(m, a).reshape(b, 1, -1, n_param), 3, _wanted_units(layer, "weight", n_param))
+        wanted = _wanted_units(layer, "weight", n_param)
+        a_hat = _memo(memo, "a_hat", lambda: _take(_normalised(m, a).reshape(b, 1, -1, n_param), 3, wanted))
         out["weight"] = (_take(g2, 3, _kept_positions(layer, "weight", n_kept)) * a_hat).sum(2)
     if layer.bias is not None:
         out["bias"] = _take(g2, 3, _kept_positions(layer, "bias", n_kept)).sum(2)
@@ -613,7 +666,9 @@ def _conv_plan(layer: SignalLayer, kk: int, n_pos: int, n_kept: int) -> dict:
     return {"path": "products", "channels": _subset(channels, m.in_channels), "plan": plan}
 
 
-def _conv_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def _conv_entries(
+    layer: SignalLayer, a: torch.Tensor, g: torch.Tensor, memo: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Convolutions: d weight[o, j, k] = sum over output positions of g_o times the input patch entry it
     multiplies, by :func:`conv_weight_grads` on the block of wanted rows and read input channels, or by
     :func:`gather_products` with the unfolded input (input channels read only) when the wanted entries fill
@@ -623,19 +678,20 @@ def _conv_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[
     b, c = g.shape[:2]
     out: dict[str, torch.Tensor] = {}
     if layer.weight is not None:
-        a2, geom = _conv_as_2d(m, a)
+        a2, geom = _memo(memo, "a2", lambda: _conv_as_2d(m, a))
         g2 = _signals_2d(g)
         kk = geom["kernel"][0] * geom["kernel"][1]
         n_pos = int(np.prod(g2.shape[3:]))
         plan = _cached(layer, ("conv", kk, n_pos, g2.shape[2]), lambda: _conv_plan(layer, kk, n_pos, g2.shape[2]))
-        a2 = _take(a2, 1, plan["channels"])
+        a2 = _memo(memo, "a2 read", lambda: _take(a2, 1, plan["channels"]))
         if plan["path"] == "conv":
             g2 = _take(g2, 2, plan["rows"])
             full = conv_weight_grads(geom, m.groups, a2, g2).reshape(b, c, -1)
             out["weight"] = _take(full, 2, plan["flat"])
         else:
             pp = plan["plan"]
-            out["weight"] = gather_products(g2.reshape(b, c, g2.shape[2], -1), _unfold(a2, geom), pp.rows, pp.cols, pp)
+            u = _memo(memo, "u", lambda: _unfold(a2, geom))
+            out["weight"] = gather_products(g2.reshape(b, c, g2.shape[2], -1), u, pp.rows, pp.cols, pp)
     if layer.bias is not None:
         out["bias"] = _take(g.reshape(b, c, g.shape[2], -1), 2, _kept_positions(layer, "bias", g.shape[2])).sum(3)
     return out
@@ -714,7 +770,9 @@ def _token_weights(m: nn.Embedding, idx: torch.Tensor, dtype: torch.dtype) -> to
     return w
 
 
-def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def _embedding_entries(
+    layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor, memo: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Embedding y_t = W[i_t]: d W[v, j] = sum over tokens t with i_t = v of g_t[j] (times the token factors).
     Each token whose row v holds wanted entries adds its signal's wanted columns to those entries: one gather
     and one scatter-add over the (token, wanted entry of its row) pairs, nothing per vocabulary row."""
@@ -731,24 +789,30 @@ def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -
         return vocab_rows, counts, torch.cumsum(counts, 0) - counts, cols
 
     vocab_rows, counts, starts, cols = _cached(layer, ("embedding",), make)
-    where = torch.searchsorted(vocab_rows, tokens.contiguous()).clamp_max(len(vocab_rows) - 1)
-    hit = vocab_rows[where] == tokens
-    if m.padding_idx is not None:  # that row's gradient is zero
-        hit &= tokens != m.padding_idx
-    sample, position = hit.nonzero(as_tuple=True)  # the tokens whose row has wanted entries
-    rows = where[sample, position]
-    per_token = counts[rows]
-    token = torch.repeat_interleave(torch.arange(len(rows), device=g.device), per_token)  # one per pair
-    first = torch.repeat_interleave(torch.cumsum(per_token, 0) - per_token, per_token)
-    entry = starts[rows][token] + torch.arange(len(token), device=g.device) - first  # the pair's wanted entry
+
+    def pairs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(where each pair reads the signals, where it adds to the output, its token factor or None)."""
+        where = torch.searchsorted(vocab_rows, tokens.contiguous()).clamp_max(len(vocab_rows) - 1)
+        hit = vocab_rows[where] == tokens
+        if m.padding_idx is not None:  # that row's gradient is zero
+            hit &= tokens != m.padding_idx
+        sample, position = hit.nonzero(as_tuple=True)  # the tokens whose row has wanted entries
+        rows = where[sample, position]
+        per_token = counts[rows]
+        token = torch.repeat_interleave(torch.arange(len(rows), device=g.device), per_token)  # one per pair
+        first = torch.repeat_interleave(torch.cumsum(per_token, 0) - per_token, per_token)
+        entry = starts[rows][token] + torch.arange(len(token), device=g.device) - first  # the pair's wanted entry
+        read = (sample[token] * tokens.shape[1] + position[token]) * g2.shape[3] + cols[entry]
+        factor = _token_weights(m, tokens, g.dtype)[sample, position][token] if m.scale_grad_by_freq else None
+        return read, sample[token] * k + entry, factor
+
+    read, write, factor = _memo(memo, "pairs", pairs)
     # gather from the objective-major layout (C, B * T * columns), as the vectorised backward leaves the signals:
     # one contiguous gather per objective, not an advanced index with a slice in the middle
-    per_objective = g2.transpose(0, 1).reshape(c, -1)
-    flat = (sample[token] * tokens.shape[1] + position[token]) * g2.shape[3] + cols[entry]
-    values = per_objective.index_select(1, flat)  # (C, pairs)
-    if m.scale_grad_by_freq:
-        values = values * _token_weights(m, tokens, g.dtype)[sample, position][token]
-    out = g.new_zeros(c, b * k).index_add_(1, sample[token] * k + entry, values)
+    values = g2.transpose(0, 1).reshape(c, -1).index_select(1, read)  # (C, pairs)
+    if factor is not None:
+        values = values * factor
+    out = g.new_zeros(c, b * k).index_add_(1, write, values)
     return {"weight": out.view(c, b, k).transpose(0, 1)}
 
 
@@ -781,17 +845,21 @@ def per_sample_block(layer: SignalLayer) -> int:
 
 
 # -- dispatch ----------------------------------------------------------------------------------------------------
-def layer_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def layer_entries(
+    layer: SignalLayer, a: torch.Tensor, g: torch.Tensor, memo: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Wanted entries (B, C, k) of d objective / d weight and d bias, from the layer's input ``a`` (B, *in)
     and the signals ``g`` = d objective_c / d output (B, C, *out), C objectives, holding only the layer's
-    ``units`` if it has them (as :func:`layer_signals` gives them)."""
+    ``units`` if it has them (as :func:`layer_signals` gives them). ``memo``: a dict kept for one chunk (one
+    ``a``) and layer, when the caller forms the objectives' entries a few at a time (:func:`layer_signal_stream`),
+    so that work on the input (unfolding, normalising, token pairs) is done once per chunk."""
     m = layer.module
     if isinstance(m, _CONV):
-        return _conv_entries(layer, a, g)
+        return _conv_entries(layer, a, g, memo)
     if isinstance(m, nn.Embedding):
-        return _embedding_entries(layer, a, g)
+        return _embedding_entries(layer, a, g, memo)
     if not isinstance(m, nn.Linear):
-        return _norm_entries(layer, a, g)
+        return _norm_entries(layer, a, g, memo)
     b, c = g.shape[:2]
     out: dict[str, torch.Tensor] = {}
     a2 = a.reshape(b, -1, m.in_features)  # (B, T, in): T > 1 when the layer maps over extra dimensions
