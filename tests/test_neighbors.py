@@ -1,4 +1,5 @@
-"""Exact nearest-neighbour searches (torch chunked, and faiss when installed) against brute force."""
+"""activelab.neighbors: exact nearest-neighbour searches (torch chunked, and faiss when installed) against brute
+force."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 
 from activelab.errors import ActivelabError
-from activelab.inference.knn import max_inner_products, min_sq_distances
+from activelab.neighbors import max_inner_products, min_sq_distances
 
-BACKENDS = ["torch"] + (["faiss"] if importlib.util.find_spec("faiss") else [])
+BACKENDS = ["exact"] + (["faiss"] if importlib.util.find_spec("faiss") else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -29,11 +30,11 @@ def test_against_brute_force(backend):
 
 
 def test_bad_backend_is_a_clear_error(monkeypatch):
-    import activelab.inference.knn as knn
+    import activelab.neighbors as knn
 
     with pytest.raises(ActivelabError, match="backend must be"):
         min_sq_distances(np.zeros((2, 2)), np.zeros((1, 2)), backend="annoy")
     monkeypatch.setattr(knn, "faiss_available", lambda: False)
     with pytest.raises(ActivelabError, match="pip install faiss-cpu"):
         min_sq_distances(np.zeros((2, 2)), np.zeros((1, 2)), backend="faiss")
-    assert knn._resolve("auto") == "torch"
+    assert knn.resolve_backend("auto") == "exact"
