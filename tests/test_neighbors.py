@@ -38,3 +38,21 @@ def test_bad_backend_is_a_clear_error(monkeypatch):
     with pytest.raises(ActivelabError, match="pip install faiss-cpu"):
         min_sq_distances(np.zeros((2, 2)), np.zeros((1, 2)), backend="faiss")
     assert knn.resolve_backend("auto") == "exact"
+
+
+def test_ball_sizes_and_best_inner_products_against_brute_force():
+    import torch
+
+    from activelab.neighbors import ball_sizes, best_inner_products
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 5)).astype(np.float32)
+    rows = np.array([0, 7, 299, 150])
+    dist = np.sqrt(((x[rows, None, :].astype(np.float64) - x[None]) ** 2).sum(-1))
+    np.testing.assert_array_equal(ball_sizes(x, rows, 1.5, block_elements=600), (dist < 1.5).sum(1))
+    # ties go to the lowest reference index, across chunk boundaries too
+    ref = np.array([[1.0, 0], [0, 1], [1.0, 0], [0, 1]], dtype=np.float32)
+    query = np.array([[2.0, 0], [0, 3]], dtype=np.float32)
+    for chunk in (1, 2, 4):
+        idx, val = best_inner_products(torch.from_numpy(query), torch.from_numpy(ref), chunk)
+        assert idx.tolist() == [0, 1] and val.tolist() == [2.0, 3.0]
