@@ -35,7 +35,7 @@ FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
 def embeddings(n: int, d: int) -> np.ndarray:
     from activelab.data.sources import read_idx
-    from activelab.strategies._neighbors import l2_normalize
+    from activelab.neighbors import l2_normalize
 
     images = read_idx(FASHION, 3)[:n].reshape(n, -1).astype(np.float32) / 255.0
     proj = np.random.default_rng(0).standard_normal((images.shape[1], d), dtype=np.float32) / np.sqrt(d)

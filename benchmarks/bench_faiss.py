@@ -1,9 +1,11 @@
-"""faiss (CPU, exact flat indexes) vs the chunked torch path for the nearest-neighbour work of the diverse
-strategies: core-set's distances from N candidates to the L labeled centres (then the same greedy k-center
-picks), and FK-style nearest labeled sample by dot product. Time, extra peak memory, agreement.
+"""faiss (CPU, exact flat indexes) vs the exact chunked torch path (``backend="exact"``) of
+``activelab.neighbors``, on the calls the strategies make: core-set's whole k-center selection (nearest of L
+labeled centres for N candidates, then the greedy steps), FK's top-k pool rows per centre, the nearest
+labeled row by dot product; and, on a smaller pool (these are N x N work), TypiClust's k nearest neighbours
+and ProbCover's delta-ball graph. Time, extra peak memory, agreement of the outputs.
 
-    python benchmarks/bench_faiss.py                 # N = 1,000,000, d = 64, L = 1,000
-    python benchmarks/bench_faiss.py --n 200000
+    python benchmarks/bench_faiss.py                 # N = 1,000,000, d = 64, L = 1,000; N x N work at 20,000
+    python benchmarks/bench_faiss.py --n 200000 --n-square 10000
 """
 
 from __future__ import annotations
@@ -17,35 +19,26 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def greedy_from(dist, x, budget: int):
-    """Farthest-first picks starting from the distances ``dist`` (as core-set's k-center greedy)."""
-    import numpy as np
-    import torch
-
-    x = torch.from_numpy(x)
-    x_sq = (x * x).sum(1)
-    dist = torch.from_numpy(np.array(dist, dtype=np.float32))
-    picks = []
-    for _ in range(budget):
-        pick = int(torch.argmax(dist))
-        picks.append(pick)
-        torch.minimum(dist, (x_sq + x_sq[pick] - 2 * (x @ x[pick])).clamp_(min=0), out=dist)
-        dist[pick] = -1.0
-    return picks
-
-
 def main() -> None:
     import numpy as np
     import torch
     from _measure import peak_rss_mb, reset_peak_rss, rss_mb, write_results
 
-    from activelab.inference.knn import faiss_available, max_inner_products, min_sq_distances
+    from activelab.neighbors import (
+        faiss_available,
+        knn_sq_distances,
+        max_inner_products,
+        radius_graph,
+        topk_inner_products,
+    )
+    from activelab.strategies.coreset import kcenter_greedy
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--labeled", type=int, default=1000)
     parser.add_argument("--budget", type=int, default=100)
+    parser.add_argument("--n-square", type=int, default=20_000, help="pool for the N x N work (kNN, radius graph)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(HERE / "results" / "bench_faiss.txt"))
     args = parser.parse_args()
@@ -64,37 +57,42 @@ def main() -> None:
         "inputs",
         f"command: python benchmarks/bench_faiss.py {' '.join(sys.argv[1:])}".rstrip(),
         "",
-        f"{'search':<34} {'backend':<7} {'CPU s':>7} {'wall s':>7} {'extra MB':>9}  agreement with torch",
+        f"{'call':<40} {'backend':<7} {'CPU s':>7} {'wall s':>7} {'extra MB':>9}  agreement with exact",
     ]
-    results = {}
-    for what, fn in (
-        ("min squared distance to L centres", lambda b: min_sq_distances(x, centres, backend=b)),
-        ("max dot product over L rows", lambda b: max_inner_products(x, centres, backend=b)),
-    ):
-        for backend in ("torch", "faiss"):
+    small = x[: args.n_square] / np.linalg.norm(x[: args.n_square], axis=1, keepdims=True)
+
+    def agree(what, ref, out):
+        if what.startswith("core-set"):
+            return f"same picks {np.mean(ref == out):.0%}"
+        if what.startswith("FK"):
+            return (
+                f"same neighbours {np.mean(ref[1] == out[1]):.5f}, max |sim diff| {np.abs(ref[0] - out[0]).max():.1e}"
+            )
+        if what.startswith("nearest"):
+            return f"same nearest row {np.mean(ref[0] == out[0]):.5f}"
+        if what.startswith("TypiClust"):
+            return f"max |distance diff| {np.abs(ref - out).max():.1e}"
+        return f"edges {ref.nnz:,} vs {out.nnz:,}, differing {(ref != out).nnz:,}"
+
+    calls = (
+        (f"core-set k-center, b={args.budget}", lambda b: kcenter_greedy(x, centres, args.budget, None, backend=b)),
+        (f"FK top-32 of N per {args.budget} centres", lambda b: topk_inner_products(x, centres[: args.budget], 32, b)),
+        ("nearest of L rows by dot product", lambda b: max_inner_products(x, centres, backend=b)),
+        (f"TypiClust 20-NN, N={args.n_square:,}", lambda b: knn_sq_distances(small, 20, backend=b)),
+        (f"ProbCover graph, N={args.n_square:,}", lambda b: radius_graph(small, 0.9, backend=b)),
+    )
+    for what, fn in calls:
+        ref = None
+        for backend in ("exact", "faiss"):
             base = rss_mb()
             reset_peak_rss()
             c, w = time.process_time(), time.perf_counter()
             out = fn(backend)
             cpu, wall = time.process_time() - c, time.perf_counter() - w
             extra = peak_rss_mb() - base
-            results[(what, backend)] = out
-            note = ""
-            if backend == "faiss":
-                ref = results[(what, "torch")]
-                if what.startswith("min"):
-                    same = np.mean(ref[1] == out[1])
-                    diff = np.abs(ref[0] - out[0]).max()
-                    note = f"same nearest centre {same:.5f}, max |distance diff| {diff:.2e}"
-                else:
-                    note = f"same nearest row {np.mean(ref[0] == out[0]):.5f}"
-            lines.append(f"{what:<34} {backend:<7} {cpu:7.2f} {wall:7.2f} {extra:9.0f}  {note}")
-    key = "min squared distance to L centres"
-    picks = {b: greedy_from(results[(key, b)][0], x, args.budget) for b in ("torch", "faiss")}
-    overlap = len(set(picks["torch"]) & set(picks["faiss"])) / args.budget
-    lines.append(
-        f"k-center greedy, budget {args.budget}, from each backend's distances: overlap of picks {overlap:.0%}"
-    )
+            note = agree(what, ref, out) if ref is not None else ""
+            ref = out
+            lines.append(f"{what:<40} {backend:<7} {cpu:7.2f} {wall:7.2f} {extra:9.0f}  {note}")
     write_results("\n".join(lines), args.out)
 
 

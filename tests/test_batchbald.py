@@ -111,3 +111,21 @@ def test_memory_stays_under_the_chunk_bound():
     bound = 3 * chunk * 8 + 2 * passes * m * 8 + 64 * n  # scoring temporaries + the configurations + (N,) vectors
     assert peak < bound < naive_bytes / 25, (peak, bound)
     print(f"peak {peak / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB, naive {naive_bytes / 2**20:.0f} MiB")
+
+
+def test_too_many_candidates_is_refused_before_any_pass_and_subset_runs():
+    from activelab.errors import ActivelabError
+    from activelab.strategies import get_strategy
+
+    from .conftest import make_pool, run_strategy
+    from .test_strategy_contract import CountingNet
+
+    pool = make_pool(60)
+    model = CountingNet(pool)
+    strategy = get_strategy("batchbald")(mc_samples=2, num_samples=16, max_candidates=30)
+    with pytest.raises(ActivelabError, match=r"N=50 candidates .*hours of one CPU core.*subset: 30"):
+        run_strategy(strategy, model, pool, np.arange(10), 3, np.random.default_rng(0))
+    assert model.seen.sum() == 0  # refused before the stochastic passes
+    strategy = get_strategy("batchbald")(mc_samples=2, num_samples=16, max_candidates=30, subset=30)
+    picks = run_strategy(strategy, model, pool, np.arange(10), 3, np.random.default_rng(0))
+    assert len(set(picks.tolist())) == 3 and model.seen[10:].sum() == 2 * 30  # only the subset, K passes

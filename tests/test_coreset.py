@@ -10,7 +10,8 @@ from scipy.spatial.distance import cdist
 import activelab
 from activelab.errors import ActivelabError
 from activelab.inference.forward import forward_pass
-from activelab.strategies.coreset import kcenter_greedy, min_sq_distances
+from activelab.neighbors import min_sq_distances
+from activelab.strategies.coreset import kcenter_greedy
 
 from .conftest import TinyNet, make_pool
 
@@ -51,7 +52,7 @@ def test_chunked_min_distances_equal_dense():
     points, centres = _embeddings(203, 9, 2), _embeddings(31, 9, 3)
     dense = (cdist(points.astype(np.float64), centres.astype(np.float64)) ** 2).min(axis=1)
     for block in (1, 50, 10_000):
-        got = min_sq_distances(torch.from_numpy(points), torch.from_numpy(centres), block).numpy()
+        got = min_sq_distances(points, centres, block_elements=block)[0]
         np.testing.assert_allclose(got, dense, rtol=1e-4, atol=1e-4)
 
 

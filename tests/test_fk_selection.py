@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 import activelab
 from activelab.errors import ActivelabError
 from activelab.inference.descriptors import compute_descriptors
+from activelab.neighbors import topk_inner_products
 from activelab.strategies.base import get_strategy
 from activelab.strategies.fisher_kernel import (
     FisherKernel,
@@ -20,7 +22,6 @@ from activelab.strategies.fisher_kernel import (
     rankwise_fill,
     similarity_vectors,
     standardise_segments,
-    topk_neighbours,
 )
 
 from .conftest import TinyNet, make_pool, run_strategy
@@ -93,12 +94,13 @@ def test_running_max_kcenter_equals_naive(seed):
     assert len(set(picks.tolist())) == 9
 
 
-def test_topk_neighbours_chunked_equals_dense():
+@pytest.mark.parametrize("backend", ["exact"] + (["faiss"] if importlib.util.find_spec("faiss") else []))
+def test_topk_neighbours_chunked_equals_dense(backend):
     rng = np.random.default_rng(0)
     pool, centres = rng.normal(size=(103, 5)).astype(np.float32), rng.normal(size=(7, 5)).astype(np.float32)
     sims = pool @ centres.T
     for chunk in (10, 64, 1000):
-        vals, idx, max_sim = topk_neighbours(pool, centres, 6, chunk)
+        vals, idx, max_sim = topk_inner_products(pool, centres, 6, backend, chunk)
         np.testing.assert_array_equal(idx, np.argsort(-sims, axis=0)[:6])
         np.testing.assert_allclose(vals, -np.sort(-sims, axis=0)[:6], rtol=1e-5)
         np.testing.assert_allclose(max_sim, sims.max(1), rtol=1e-5)

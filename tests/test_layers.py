@@ -11,7 +11,7 @@ import activelab
 #: rank of each top-level module or package of activelab; an import must not go to a higher rank
 RANKS = {
     "errors": 0,
-    "plugins": 1, "jsonable": 1, "metrics": 1, "mcstats": 1, "memory": 1, "stopping": 1,
+    "plugins": 1, "jsonable": 1, "metrics": 1, "mcstats": 1, "memory": 1, "stopping": 1, "neighbors": 1,
     "config": 2,
     "data": 3,
     "models": 4,

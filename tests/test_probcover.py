@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from activelab.errors import ActivelabError
-from activelab.strategies._neighbors import kmeans_labels, l2_normalize, radius_graph
+from activelab.neighbors import kmeans_labels, l2_normalize, radius_graph
 from activelab.strategies.probcover import probcover_select, purity_delta
 
 
@@ -93,3 +93,72 @@ def test_purity_delta_used_and_full_coverage_falls_back_to_random():
     # balls of radius 3 (open) hold 5 points on a grid of step 1: four picks cover all 20 points, the fifth is random
     assert info["probcover_coverage"] == 1.0 and info["probcover_random_after_full_coverage"] == 1
     np.testing.assert_array_equal(picks[:4], reference_probcover(LINE, LINE[:0], 5, 3.0))
+
+
+def _blobs(n=400, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(8, d)) * 1.5
+    return l2_normalize(centres[rng.integers(8, size=n)] + rng.normal(size=(n, d)) * 0.5)
+
+
+def test_one_pass_scan_equals_separate_passes():
+    from activelab.neighbors import nearest_other_cluster_sq, purity_scan, shrink_graph
+
+    x = _blobs()
+    labels = kmeans_labels(x, 4, np.random.default_rng(1))
+    d_other, wide, wide_sq = purity_scan(x, labels, 0.6, block_elements=999)  # several row blocks
+    # the same row blocks give bit-identical float32 distances (BLAS rounding depends on the block shape)
+    np.testing.assert_array_equal(d_other, nearest_other_cluster_sq(x, labels, block_elements=999))
+    for r in (0.6, 0.35, 0.1):
+        assert (shrink_graph(wide, wide_sq, r) != radius_graph(x, r, block_elements=999)).nnz == 0
+    assert purity_scan(x, labels, 0.6, max_edges=50)[1] is None  # over the cap: distances only
+
+
+@pytest.mark.parametrize("force_second_pass", [False, True])
+def test_purity_rule_picks_do_not_depend_on_the_pass_plan(monkeypatch, force_second_pass):
+    import activelab.strategies.probcover as pc
+
+    x = _blobs(500, seed=3)
+    cand, lab = x[20:], x[:20]
+    labels = kmeans_labels(x, 5, np.random.default_rng(2))
+    # the two-pass reference: exact purity delta, then the graph at that delta
+    delta, _ = purity_delta(x, labels, 0.95)
+    want = reference_probcover(cand, lab, 15, delta)
+    if force_second_pass:  # the bound from the row sample below the true delta
+        monkeypatch.setattr(pc, "_upper_quantile_rank", lambda m, n, s: 0)
+    info = {}
+    got = probcover_select(cand, lab, 15, np.random.default_rng(0), cluster_labels=labels, info=info)
+    np.testing.assert_array_equal(got[: len(want)], want)
+    assert info["probcover_delta"] == pytest.approx(delta)
+    assert info["probcover_passes"] == (2 if force_second_pass else 1)
+
+
+def test_a_graph_too_big_is_refused_up_front_with_its_size(monkeypatch):
+    import activelab.strategies.probcover as pc
+
+    def no_full_pass(*args, **kwargs):
+        raise AssertionError("the full pass ran before the refusal")
+
+    monkeypatch.setattr(pc, "SAMPLE_ROWS", 100)
+    monkeypatch.setattr(pc, "purity_scan", no_full_pass)
+    monkeypatch.setattr(pc, "radius_graph", no_full_pass)
+    x = _blobs(3000, seed=4)
+    for kwargs in ({"delta": 0.8}, {"num_classes": 3}):
+        with pytest.raises(ActivelabError, match=r"would hold about [\d,]+ edges .*GiB.*max_edges = 1,000.*subsample"):
+            probcover_select(x, x[:0], 10, np.random.default_rng(0), max_edges=1000, **kwargs)
+
+
+def test_too_many_points_is_refused_before_any_pass_and_subset_runs():
+    from activelab.strategies import get_strategy
+
+    from .conftest import make_pool, run_strategy
+    from .test_strategy_contract import CountingNet
+
+    pool = make_pool(60)
+    model = CountingNet(pool)
+    with pytest.raises(ActivelabError, match=r"N=60 labeled \+ candidate points .*hours of one CPU core.*subset: 30"):
+        run_strategy(get_strategy("probcover")(max_points=40), model, pool, np.arange(10), 3, np.random.default_rng(0))
+    assert model.seen.sum() == 0
+    strategy = get_strategy("probcover")(max_points=40, subset=30)
+    picks = run_strategy(strategy, model, pool, np.arange(10), 3, np.random.default_rng(0))
+    assert len(set(picks.tolist())) == 3 and model.seen[10:].sum() == 30

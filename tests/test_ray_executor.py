@@ -214,3 +214,30 @@ def test_killed_worker_without_retries_is_failed_and_a_later_run_resumes_it(tmp_
     assert res.returncode == 0, res.stderr[-3000:]
     assert "1 job(s) finished, 1 already complete" in res.stdout
     assert snapshot(exp) == ref
+
+
+@needs_ray
+def test_tasks_reach_the_store_only_through_the_driver_service(tmp_path, cluster):
+    """Ray tasks run with ACTIVELAB_STORE_SERVICE_ONLY=1: a job that opened the SQLite file itself (as it would
+    on a node where the file is on a network filesystem) fails instead; through the service it runs (the
+    results tests above), and the service serves only the store's job and lease methods."""
+    import ray
+
+    from activelab.experiment.store import SERVICE_ONLY_ENV
+    from activelab.experiment.store_service import RemoteStore, start_service
+
+    exp = tmp_path / "exp"
+    run_experiment(write_config(tmp_path / "c.yaml", SMALL), exp, executor=_NoRun(), progress=False)
+    (job,) = RayExecutor().prepare([Job(str(exp), 0, "random", threads=1)])
+    guarded = ray.remote(num_cpus=1, max_retries=0, runtime_env={"env_vars": {SERVICE_ONLY_ENV: "1"}})(execute_job)
+    error = ray.get(guarded.remote(job))
+    assert error is not None and "must not open" in error and _rounds_done(exp) == 0
+    service = start_service(ray)
+    try:
+        remote = RemoteStore(str((exp / "results.sqlite").resolve()), service)
+        assert remote.get_meta("experiment") == "tiny"
+        with pytest.raises(AttributeError, match="no method 'conn'"):
+            _ = remote.conn
+        assert ray.get(service.host.remote())[0] == __import__("socket").gethostname()
+    finally:
+        ray.kill(service)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from activelab.strategies._neighbors import knn_sq_distances, l2_normalize
+from activelab.neighbors import knn_sq_distances, l2_normalize
 from activelab.strategies.typiclust import typiclust_select
 
 
@@ -65,7 +65,7 @@ def test_kmeans_path_picks_dense_points_of_distinct_clusters():
     np.testing.assert_array_equal(a, b)
     assert len(set(a.tolist())) == 5 and info["typiclust_clusters"] == 5
     # each pick is the reference's most typical point of its own k-means cluster
-    from activelab.strategies._neighbors import kmeans_labels
+    from activelab.neighbors import kmeans_labels
 
     labels = kmeans_labels(x, 5, np.random.default_rng(1))
     assert len(set(labels[a].tolist())) == 5
@@ -93,7 +93,7 @@ def test_faiss_backend_same_neighbours_and_picks():
     b = typiclust_select(x, x[:0], 10, np.random.default_rng(0), cluster_labels=labels)
     np.testing.assert_array_equal(a, b)
     # faiss k-means too: seeded, and each pick the reference's most typical point of its faiss cluster
-    from activelab.strategies._neighbors import kmeans_labels
+    from activelab.neighbors import kmeans_labels
 
     c = typiclust_select(x, x[:0], 6, np.random.default_rng(3), backend="faiss")
     np.testing.assert_array_equal(c, typiclust_select(x, x[:0], 6, np.random.default_rng(3), backend="faiss"))

@@ -4,6 +4,8 @@ its rounds to the experiment's store, so an executor only has to call :func:`exe
 - :class:`LocalExecutor`: in this process (``workers=1``) or in a pool of spawned processes.
 - :class:`RayExecutor`: Ray tasks; the experiment directory must be on a filesystem every node sees (NFS, a
   cluster filesystem, or one machine). A task that cannot see it fails at once with an error that says so.
+  Tasks never open the SQLite store themselves: their store calls go to a service on the driver's node
+  (:mod:`.store_service`), since SQLite must not be written over a network filesystem.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ class Job:
     #: The experiment's config fingerprint, when the worker must check that it sees the driver's directory
     #: (executors whose workers may run on other machines).
     fingerprint: str | None = None
+    #: A handle of the driver's store service: the job's store calls go there instead of opening the SQLite
+    #: file, which must not be written from other machines (see :mod:`.store_service`).
+    store_service: object | None = None
 
 
 SHARED_DIRECTORY_HELP = (
@@ -70,7 +75,14 @@ def execute_job(job: Job) -> str | None:
             check_shared_directory(job)
         cfg = load_config(Path(job.exp_dir) / "config.yaml")
         scfg = next(s for s in cfg.strategies if s.label == job.strategy)
-        run_job(job.exp_dir, cfg, job.run, scfg)
+        if job.store_service is None:
+            run_job(job.exp_dir, cfg, job.run, scfg)
+        else:
+            from .layout import Layout
+            from .store_service import serving
+
+            with serving(Layout(job.exp_dir).store, job.store_service):
+                run_job(job.exp_dir, cfg, job.run, scfg)
         return None
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
@@ -140,6 +152,9 @@ class RayExecutor(Executor):
 
     The experiment directory must be on a filesystem every node sees at the same path: each task checks that it
     sees the driver's config and store before doing anything, and fails with an error that says so otherwise.
+    Tasks read and write checkpoints there, but never open the SQLite store: a ``StoreService`` actor on
+    the driver's node runs their store calls one at a time (SQLite's WAL locking does not hold over network
+    filesystems); a task that tries to open the file itself fails (``ACTIVELAB_STORE_SERVICE_ONLY``).
     Every node needs activelab (and the dataset files, or their download) installed like the driver.
     """
 
@@ -202,12 +217,22 @@ class RayExecutor(Executor):
             return
         ray = self.ray
         connected = self._connect()
+        service = None
         try:
+            from .store import SERVICE_ONLY_ENV
+            from .store_service import start_service
+
+            service = start_service(ray)  # every task's store calls run here, on the driver's node
+            jobs = [replace(job, store_service=service) for job in jobs]
             remotes: dict[int, object] = {}
             pending = {}
             for job in jobs:
                 if job.threads not in remotes:
-                    remotes[job.threads] = ray.remote(num_cpus=job.threads, max_retries=self.max_retries)(execute_job)
+                    remotes[job.threads] = ray.remote(
+                        num_cpus=job.threads,
+                        max_retries=self.max_retries,
+                        runtime_env={"env_vars": {SERVICE_ONLY_ENV: "1"}},  # a direct Store() in a task fails
+                    )(execute_job)
                 pending[remotes[job.threads].remote(job)] = job
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
@@ -219,5 +244,10 @@ class RayExecutor(Executor):
                         error = f"ray task failed: {type(exc).__name__}: {exc}"
                     on_done(job, error)
         finally:
+            if service is not None:
+                try:
+                    ray.get(service.close.remote())
+                finally:
+                    ray.kill(service)
             if connected:
                 ray.shutdown()

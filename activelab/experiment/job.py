@@ -36,6 +36,7 @@ from .seeding import numpy_rng, torch_generator, torch_seed
 from .setup import RunData, atomic_save, ensure_initial_model, new_model, prepare_run
 from .stopset import stop_reason, stop_set_entry, stop_set_indices
 from .store import RoundRecord, Store
+from .store_service import open_store
 
 __all__ = ["checkpoint_path", "round_seed", "run_job", "safe_name", "select_round"]
 
@@ -77,7 +78,7 @@ class _Job:
 def run_job(exp_dir: str | Path, cfg: ExperimentConfig, run: int, scfg: StrategyConfig, progress: bool = False) -> None:
     """Run (or resume) every remaining round of ``scfg`` in ``run``; each round is committed atomically."""
     layout = Layout(exp_dir)
-    store = Store(layout.store)
+    store = open_store(layout.store)  # through the driver's store service under Ray
     label = scfg.label
     owner = {"pid": os.getpid(), "host": socket.gethostname()}
     threads = torch.get_num_threads()

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .store import LeaseRecord, Store
+from .store import LeaseRecord
+from .store_service import open_store
 
 HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 120.0
@@ -48,7 +49,7 @@ def holding_lease(store_path: str | Path, name: str, done: Callable[[], bool] = 
     it; yields False without waiting further as soon as ``done()`` says the work exists (another holder did it).
     """
     owner, pid, host = uuid.uuid4().hex, os.getpid(), socket.gethostname()
-    store = Store(store_path)
+    store = open_store(store_path)
     try:
         while store.try_lease(name, owner, pid, host, is_stale) is not None:
             if done():
@@ -58,7 +59,7 @@ def holding_lease(store_path: str | Path, name: str, done: Callable[[], bool] = 
         stop = threading.Event()
 
         def beat() -> None:
-            with Store(store_path) as s:
+            with open_store(store_path) as s:
                 while not stop.wait(HEARTBEAT_SECONDS):
                     s.renew_lease(name, owner)
 

@@ -32,6 +32,10 @@ import numpy as np
 from ..errors import ActivelabError
 from ..jsonable import jsonable
 
+#: Set (to "1") in the processes that must reach the store only through the driver's store service (Ray tasks,
+#: which may run on machines where SQLite would write over a network filesystem).
+SERVICE_ONLY_ENV = "ACTIVELAB_STORE_SERVICE_ONLY"
+
 SCHEMA_VERSION = 2
 """1: the first store (no version in meta). 2: version in meta, round metrics for imbalance, run data root,
 job owner (pid, host), leases."""
@@ -229,6 +233,11 @@ class Store:
     def __init__(self, path: str | Path, *, readonly: bool = False, create: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        if os.environ.get(SERVICE_ONLY_ENV) == "1":
+            raise StoreError(
+                f"this process ({SERVICE_ONLY_ENV}=1: a Ray task, possibly on another machine) must not open "
+                f"{self.path} itself; its store calls go to the driver's store service (open_store)"
+            )
         self._check_file(create)
         try:
             self.conn = self._connect()

@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import ActivelabError
-from ._neighbors import l2_normalize
+from ..neighbors import l2_normalize
 from .base import StrategyParams
 
 if TYPE_CHECKING:
@@ -20,6 +20,9 @@ class EmbeddingParams(StrategyParams):
         "model",
         description="'model': the model's penultimate features (the rotation-pretrained backbone at the first "
         "round of an experiment with init: rotation); 'user': the embeddings passed to select(..., embeddings=...)",
+    )
+    subset: int | None = Field(
+        None, ge=1, description="random candidates considered (None: all); as the subsample wrapper"
     )
 
 

@@ -15,6 +15,12 @@ from .base import Strategy, StrategyParams, register
 
 #: Entries (float64) of the largest temporary of one scoring step: 2**22 -> 32 MB.
 CHUNK_ELEMENTS = 2**22
+#: Default cap on the candidates scored: each sampled greedy step costs O(N·M·P·C), so that a batch of 100 at
+#: 100,000 candidates already needs about an hour of one CPU core.
+MAX_CANDIDATES = 100_000
+#: Measured cost of one entry (one candidate, class and configuration) of a sampled scoring step: the
+#: entropy of the (M, N·C) product dominates (benchmarks/bench_batchbald.py, one core).
+SECONDS_PER_ENTRY = 6.5e-9
 
 
 def default_num_samples(num_classes: int) -> int:
@@ -145,6 +151,9 @@ class BatchBALDParams(StrategyParams):
     num_samples: int | None = Field(None, ge=1, description="M label configurations (None: 40000 // C)")
     subset: int | None = Field(None, ge=1, description="random unlabeled candidates considered (None: all)")
     chunk_elements: int = Field(CHUNK_ELEMENTS, ge=1, description="largest temporary per scoring step (float64)")
+    max_candidates: int = Field(
+        MAX_CANDIDATES, ge=1, description="refuse larger candidate sets up front (use subset for bigger pools)"
+    )
 
 
 @register
@@ -159,7 +168,9 @@ class BatchBALD(Strategy):
     the pass probabilities plus O(P·M) for the batch's configurations plus one scoring temporary of at most
     ``chunk_elements`` float64 entries (the naive form holds N·M·C at once: 3.2 GB at N = 10,000, M = 4,000,
     C = 10). ``subset`` (as the ``subsample`` wrapper) scores a seeded uniform subset of the candidates, which
-    bounds the P·N·C probabilities and the time as well.
+    bounds the P·N·C probabilities and the time as well; above ``max_candidates`` (100,000) candidates it
+    refuses up front with the time and memory it would need (at 1,000,000 candidates and b = 100: about 7
+    hours of one core), before any forward pass.
     Deviations from the authors' code (batchbald_redux): numpy float64 on the CPU; the sampled configurations are
     renormalised per column after each pick (the log scale is added back, so the scores are unchanged) to avoid
     underflow at large batches; at the switch to sampling the whole batch's configurations are drawn anew from
@@ -176,6 +187,17 @@ class BatchBALD(Strategy):
 
     def query(self, ctx, budget, rng):
         p: BatchBALDParams = self.params
+        n, c = len(ctx.candidates), ctx.num_classes
+        if n > p.max_candidates:
+            m = p.num_samples or default_num_samples(c)
+            hours = budget * n * m * c * SECONDS_PER_ENTRY / 3600
+            raise ActivelabError(
+                f"batchbald over N={n:,} candidates (C={c}, M={m:,} configurations, batch {budget}) scores "
+                f"{budget * n * m * c:.2g} joint-entropy entries, about {hours:,.1f} hours of one CPU core, and "
+                f"holds {p.mc_samples * p.ensemble * n * c * 4 / 2**30:.1f} GiB of pass probabilities. Score a "
+                f"random subset (params: {{subset: {p.max_candidates}}}, or wrap: [{{name: subsample, params: "
+                f"{{size: {p.max_candidates}}}}}]) or raise max_candidates"
+            )
         seed = int(rng.integers(2**31 - 1))
         probs = ctx.mc_probs(p.mc_samples, seed, p.ensemble)
         picks, scores = batchbald_select(probs, budget, rng, p.num_samples, p.chunk_elements)

@@ -13,39 +13,11 @@ import torch
 from pydantic import Field
 
 from ..errors import ActivelabError
+from ..neighbors import Backend, min_sq_distances, squared_norms
 from .base import Strategy, StrategyParams, register
 
 #: Rows x columns of one block of the candidate-to-labeled distance matrix.
 BLOCK_ELEMENTS = 2**20
-
-
-def _squared_norms(x: torch.Tensor, rows: int = 8192) -> torch.Tensor:
-    """(N,) squared row norms, in row blocks (no N x d temporary)."""
-    out = torch.empty(len(x), dtype=x.dtype)
-    for r in range(0, len(x), rows):
-        block = x[r : r + rows]
-        out[r : r + rows] = (block * block).sum(dim=1)
-    return out
-
-
-def min_sq_distances(points: torch.Tensor, centers: torch.Tensor, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
-    """(N,) squared Euclidean distance from each point to its nearest centre, chunked so that no block holds
-    more than ``block_elements`` distances. Uses ||a||^2 + ||b||^2 - 2 a.b, clamped at 0."""
-    n = len(points)
-    out = torch.full((n,), float("inf"), dtype=points.dtype)
-    if len(centers) == 0 or n == 0:
-        return out
-    p_sq = _squared_norms(points)
-    c_sq = _squared_norms(centers)
-    cols = max(1, min(len(centers), block_elements // max(1, min(n, 4096))))
-    rows = max(1, block_elements // cols)
-    for r in range(0, n, rows):
-        block_min = out[r : r + rows]
-        for c in range(0, len(centers), cols):
-            d = torch.addmm(c_sq[c : c + cols].unsqueeze(0), points[r : r + rows], centers[c : c + cols].T, alpha=-2)
-            d += p_sq[r : r + rows].unsqueeze(1)
-            torch.minimum(block_min, d.min(dim=1).values, out=block_min)
-    return out.clamp_(min=0)
 
 
 def kcenter_greedy(
@@ -54,6 +26,7 @@ def kcenter_greedy(
     budget: int,
     rng: np.random.Generator,
     block_elements: int = BLOCK_ELEMENTS,
+    backend: Backend = "exact",
 ) -> np.ndarray:
     """Positions of ``budget`` candidates chosen by greedy k-center (farthest-first traversal).
 
@@ -63,6 +36,8 @@ def kcenter_greedy(
             uniformly random candidate drawn from ``rng``).
         budget: centres to pick (<= N).
         rng: used only when there is no labeled sample.
+        backend: the search for each candidate's nearest labeled sample ("exact", "faiss" or "auto"; see
+            :mod:`activelab.neighbors`); the greedy steps are matrix-vector products either way.
 
     Ties in the farthest distance go to the lowest position. Chosen candidates are marked (distance -1) and
     never picked again, so the positions are distinct even when the pool holds duplicates.
@@ -78,9 +53,9 @@ def kcenter_greedy(
     chosen = np.empty(budget, dtype=np.int64)
     if budget == 0:
         return chosen
-    x_sq = _squared_norms(x)
+    x_sq = squared_norms(x)
     if len(labeled):
-        dist = min_sq_distances(x, labeled, block_elements)
+        dist = torch.from_numpy(min_sq_distances(x.numpy(), labeled.numpy(), backend, block_elements)[0])
         start = 0
     else:
         first = int(rng.integers(n))
@@ -100,6 +75,9 @@ def kcenter_greedy(
 class CoresetParams(StrategyParams):
     subset: int | None = Field(
         None, ge=1, description="random unlabeled candidates considered (None: all); as the subsample wrapper"
+    )
+    backend: Backend = Field(
+        "exact", description="nearest labeled sample search: 'exact' (chunked torch), 'faiss' or 'auto'"
     )
 
 
@@ -122,7 +100,7 @@ class Coreset(Strategy):
     def query(self, ctx, budget, rng):
         emb = ctx.embeddings("candidates")
         labeled = ctx.embeddings("labeled") if len(ctx.labeled) else np.zeros((0, emb.shape[1]), np.float32)
-        return kcenter_greedy(emb, labeled, budget, rng)
+        return kcenter_greedy(emb, labeled, budget, rng, backend=self.params.backend)
 
 
 @register

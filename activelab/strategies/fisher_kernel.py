@@ -15,6 +15,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..errors import ActivelabError
+from ..neighbors import Backend, best_inner_products, topk_inner_products
 from .base import Strategy, StrategyParams, register
 from .random import random_positions
 
@@ -51,22 +52,6 @@ def similarity_vectors(z: np.ndarray, segments: np.ndarray, g: np.ndarray | None
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
 
 
-def nearest_neighbours(query: torch.Tensor, reference: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """Index of the most similar (largest dot product) row of ``reference`` for each row of ``query``.
-
-    Memory O(len(query) x chunk_size); ties go to the lowest reference index.
-    """
-    best_val = torch.full((len(query),), -torch.inf, device=query.device)
-    best_idx = torch.zeros(len(query), dtype=torch.int64, device=query.device)
-    for start in range(0, len(reference), chunk_size):
-        sims = query @ reference[start : start + chunk_size].T
-        val, idx = sims.max(dim=1)
-        better = val > best_val
-        best_val = torch.where(better, val, best_val)
-        best_idx = torch.where(better, idx + start, best_idx)
-    return best_idx
-
-
 # -- selection ----------------------------------------------------------------------------------------------
 
 
@@ -91,41 +76,6 @@ def kcenter_running_max(x: np.ndarray, k: int, rng: np.random.Generator) -> np.n
         running = torch.maximum(running, xt @ xt[nxt])
         running[chosen] = torch.inf
     return np.asarray(chosen, dtype=np.int64)
-
-
-def topk_neighbours(
-    pool: np.ndarray, centres: np.ndarray, k: int, chunk_size: int = 4096
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For every centre, the ``k`` most similar pool rows, computed over chunks of the pool.
-
-    Returns ``(values (k, M), indices (k, M), max_sim (N,))``: rank r of centre m is ``indices[r, m]`` with
-    similarity ``values[r, m]``; ``max_sim`` is each pool row's highest similarity to any centre.
-    Memory O(chunk_size x M + k x M + N), never N x M.
-    """
-    n, m = len(pool), len(centres)
-    k = min(k, n)
-    c = torch.as_tensor(np.asarray(centres, dtype=np.float32))
-    best_val = torch.empty(0, m)
-    best_idx = torch.empty(0, m, dtype=torch.int64)
-    max_sim = torch.empty(n)
-    for start in range(0, n, chunk_size):
-        chunk = torch.as_tensor(np.asarray(pool[start : start + chunk_size], dtype=np.float32))
-        sims = chunk @ c.T  # (chunk, M)
-        max_sim[start : start + len(chunk)] = sims.max(dim=1).values
-        val, idx = torch.topk(sims, min(k, len(chunk)), dim=0)
-        best_val = torch.cat([best_val, val])
-        best_idx = torch.cat([best_idx, idx + start])
-        if len(best_val) > k:
-            # stable merge: among equal similarities the lower pool index (seen first) keeps its rank
-            order = torch.sort(best_val, dim=0, descending=True, stable=True).indices[:k]
-            best_val = torch.gather(best_val, 0, order)
-            best_idx = torch.gather(best_idx, 0, order)
-    order = torch.sort(best_val, dim=0, descending=True, stable=True).indices
-    return (
-        torch.gather(best_val, 0, order).numpy(),
-        torch.gather(best_idx, 0, order).numpy(),
-        max_sim.numpy(),
-    )
 
 
 def rankwise_fill(values: np.ndarray, indices: np.ndarray, max_sim: np.ndarray, budget: int) -> np.ndarray:
@@ -158,6 +108,7 @@ def fk_select(
     rng: np.random.Generator,
     top_k: int = 32,
     chunk_size: int = 4096,
+    backend: Backend = "exact",
 ) -> np.ndarray:
     """FK acquisition on precomputed similarity vectors (rows: pool and misclassified validation samples).
 
@@ -169,7 +120,7 @@ def fk_select(
     if m == 0:
         raise ActivelabError("fk needs at least one misclassified validation sample")
     centres = kcenter_running_max(miss_vectors, budget, rng) if budget < m else np.arange(m)
-    values, indices, max_sim = topk_neighbours(pool_vectors, miss_vectors[centres], top_k, chunk_size)
+    values, indices, max_sim = topk_inner_products(pool_vectors, miss_vectors[centres], top_k, backend, chunk_size)
     return rankwise_fill(values, indices, max_sim, budget)
 
 
@@ -199,7 +150,7 @@ def nearest_label_fn(
         parts = [standardise_segments(state.z, segments)]
         if use_g is not None:
             parts.append(standardise_segments(state.g[use_g], segments))
-        return ref_labels[nearest_neighbours(torch.cat(parts, dim=1), ref, chunk_size)]
+        return ref_labels[best_inner_products(torch.cat(parts, dim=1), ref, chunk_size)[0]]
 
     return label
 
@@ -217,6 +168,9 @@ class FKParams(StrategyParams):
     taps: list[str] | None = Field(None, description="tapped layers (default: the model's default_taps)")
     top_k: int = Field(32, ge=1, description="neighbours per centre (32; 128 for ImageNet)")
     chunk_size: int = Field(4096, ge=1, description="rows per similarity block (memory O(chunk x centres))")
+    backend: Backend = Field(
+        "exact", description="neighbour search of the centres: 'exact' (chunked torch), 'faiss' or 'auto'"
+    )
     perturbations: int = Field(128, ge=2, description="K perturbed copies for trace_cov / mutual_info")
     rotation_degrees: float = Field(5.0, ge=0, description="std of the random rotation, degrees")
     noise_std: float = Field(0.01, ge=0, description="std of the pixel noise on normalised images")
@@ -297,7 +251,7 @@ class FisherKernel(Strategy):
         ctx.info["misclassified_validation"] = int(len(miss))
         if est is not None:
             ctx.info["pseudo_label_counts"] = np.bincount(pool.labels["est"]).tolist()
-        return fk_select(pool_vec, miss_vec, budget, rng, p.top_k, p.chunk_size)
+        return fk_select(pool_vec, miss_vec, budget, rng, p.top_k, p.chunk_size, p.backend)
 
     # -- descriptors -------------------------------------------------------------------------------------
     def _perturbed_labels(self, ctx, subset, taps, rng) -> np.ndarray:

@@ -14,12 +14,35 @@ import scipy.sparse as sp
 from pydantic import Field
 
 from ..errors import ActivelabError
+from ..neighbors import (
+    BLOCK_ELEMENTS,
+    Backend,
+    ball_sizes,
+    kmeans_labels,
+    nearest_other_cluster_sq,
+    purity_scan,
+    radius_graph,
+    resolve_backend,
+    shrink_graph,
+)
 from ._embedding import EmbeddingParams, embedding_inputs
-from ._neighbors import BLOCK_ELEMENTS, Backend, kmeans_labels, nearest_other_cluster_sq, radius_graph
 from .base import Strategy, register
 
 #: Default cap on the edges of the delta-ball graph (about 10 bytes each with its transpose).
 MAX_EDGES = 2**26
+#: Default cap on labeled + candidate points: the exact graph needs all N^2 distances.
+MAX_POINTS = 200_000
+#: Measured cost of one pairwise distance in the one-pass scan on one core, at d = 64 (the elementwise passes
+#: dominate there; at d = 512 the matmul doubles it): benchmarks/bench_coldstart.py and bench_million.py.
+SECONDS_PER_DISTANCE = 7e-9
+#: Rows sampled to estimate the purity delta and the graph's size before the full pass.
+SAMPLE_ROWS = 2000
+#: The one-pass purity scan keeps the edges up to its bound of delta while they number at most this many times
+#: the estimated edges at delta (plus 2**20); more, and the graph is built in a second pass.
+WIDE_GRAPH_FACTOR = 3
+#: Bytes per edge while the graph is built and searched (int32 column + int8 value, twice with the transpose,
+#: plus a float32 length during the one-pass purity scan).
+EDGE_BYTES = 14
 
 
 def purity(other_cluster_distance: np.ndarray, delta: float) -> float:
@@ -44,9 +67,22 @@ def purity_delta(
     0.2, 0.4, ..., 2.0) it is the largest grid value meeting alpha, or the smallest grid value if none does.
     One chunked pass over the points (never N x N).
     """
+    _check_alpha(alpha)
+    d_other_sq = nearest_other_cluster_sq(x, cluster_labels, block_elements, backend)
+    return purity_delta_from(d_other_sq, alpha, deltas)
+
+
+def _check_alpha(alpha: float) -> None:
     if not 0 < alpha <= 1:
         raise ActivelabError(f"alpha must be in (0, 1]; got {alpha}")
-    d_other = np.sqrt(nearest_other_cluster_sq(x, cluster_labels, block_elements, backend).astype(np.float64))
+
+
+def purity_delta_from(
+    d_other_sq: np.ndarray, alpha: float = 0.95, deltas: Sequence[float] | None = None
+) -> tuple[float, float]:
+    """:func:`purity_delta` from each point's squared distance to the nearest point of another cluster."""
+    _check_alpha(alpha)
+    d_other = np.sqrt(np.asarray(d_other_sq).astype(np.float64))
     if deltas is None:
         need = int(np.ceil(alpha * len(d_other)))
         delta = float(np.sort(d_other)[::-1][need - 1])
@@ -59,6 +95,36 @@ def purity_delta(
     ok = [d for d in grid if purity(d_other, d) >= alpha]
     delta = float(ok[-1] if ok else grid[0])
     return delta, purity(d_other, delta)
+
+
+def _sample_rows(n: int) -> np.ndarray:
+    """Rows for the size estimates: all when few, else a fixed-seed sample (estimates only: the picks never
+    depend on it, and the strategy's generator is left untouched)."""
+    if n <= SAMPLE_ROWS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, SAMPLE_ROWS, replace=False))
+
+
+def _refuse_if_too_big(n: int, rows: np.ndarray, x: np.ndarray, delta: float, max_edges: int, how: str) -> float:
+    """The graph's edges at ``delta`` estimated from the ball sizes of ``rows``; refuses before the full pass
+    when the estimate passes ``max_edges``."""
+    estimate = float(ball_sizes(x, rows, delta).mean()) * n
+    if max_edges is not None and estimate > max_edges:
+        fit = max(1, int(n * np.sqrt(max_edges / estimate)))
+        raise ActivelabError(
+            f"probcover: the delta-ball graph over {n:,} points at delta = {delta:.4g} ({how}) would hold about "
+            f"{estimate:,.0f} edges (about {estimate * EDGE_BYTES / 2**30:.1f} GiB), more than max_edges = "
+            f"{max_edges:,}. Subsample the candidates (wrap: [{{name: subsample, params: {{size: {fit}}}}}] or "
+            "smaller), pass a smaller delta, or raise max_edges if the memory is there"
+        )
+    return estimate
+
+
+def _upper_quantile_rank(m: int, n: int, s: int) -> int:
+    """0-based rank in a sorted sample of ``s`` of an upper confidence bound (4 standard deviations) for the
+    m-th smallest of ``n`` values."""
+    q = m / n
+    return int(min(s - 1, np.ceil(s * q + 4 * np.sqrt(s * q * (1 - q)))))
 
 
 def greedy_coverage(
@@ -128,16 +194,50 @@ def probcover_select(
     if budget > len(candidates):
         raise ActivelabError(f"cannot pick {budget} samples from {len(candidates)} candidates")
     x = np.concatenate([labeled, candidates])
+    n = len(x)
+    rows = _sample_rows(n)
     pure = None
-    if delta is None:
+    if delta is not None:
+        if delta <= 0:
+            raise ActivelabError(f"delta must be positive; got {delta}")
+        _refuse_if_too_big(n, rows, x, delta, max_edges, "given")
+        graph = radius_graph(x, delta, block_elements, backend, max_edges)
+    else:
         if cluster_labels is None:
             if num_classes is None or num_classes < 2:
                 raise ActivelabError("the purity rule needs num_classes >= 2 (the k of its k-means), or pass delta")
             cluster_labels = kmeans_labels(x, num_classes, rng, backend=backend)
-        delta, pure = purity_delta(x, cluster_labels, alpha, deltas, block_elements, backend)
-    if delta <= 0:
-        raise ActivelabError(f"delta must be positive; got {delta}")
-    graph = radius_graph(x, delta, block_elements, backend, max_edges)
+        _check_alpha(alpha)
+        sample_sq = np.sort(nearest_other_cluster_sq(x, cluster_labels, block_elements, backend, rows=rows))
+        m = n - int(np.ceil(alpha * n)) + 1  # the exact delta is the m-th smallest distance
+        estimate = float(np.sqrt(sample_sq[min(len(rows) - 1, int(round(m / n * len(rows))))]))
+        edges = 0.0
+        if np.isfinite(estimate) and estimate > 0:
+            how = f"the purity rule's, estimated from {len(rows):,} rows"
+            edges = _refuse_if_too_big(n, rows, x, estimate, max_edges, how)
+        if resolve_backend(backend) == "faiss":
+            delta, pure = purity_delta(x, cluster_labels, alpha, deltas, block_elements, backend)
+            graph = radius_graph(x, delta, block_elements, backend, max_edges)
+        else:
+            # one pass for both the purity distances and the graph up to an upper bound of delta; a second pass
+            # only if the bound was too low (or the bounded graph passed max_edges)
+            bound = float(np.sqrt(sample_sq[_upper_quantile_rank(m, n, len(rows))]))
+            if deltas is not None:
+                bound = max(bound, float(np.min(deltas)))
+            if not np.isfinite(bound):
+                bound = 0.0
+            # the wider graph may hold a few times the final one's edges; past that, a second pass is cheaper in
+            # memory than keeping them
+            cap = int(WIDE_GRAPH_FACTOR * edges) + 2**20
+            cap = cap if max_edges is None else min(cap, max_edges)
+            d_other_sq, wide, wide_sq = purity_scan(x, cluster_labels, bound, cap, block_elements)
+            delta, pure = purity_delta_from(d_other_sq, alpha, deltas)
+            if wide is not None and delta <= bound:
+                graph = shrink_graph(wide, wide_sq, delta)
+            else:
+                graph = radius_graph(x, delta, block_elements, backend, max_edges)
+            if info is not None:
+                info["probcover_passes"] = 1 if wide is not None and delta <= bound else 2
     picks, n_random = greedy_coverage(graph, len(labeled), budget, rng)
     if info is not None:
         info["probcover_delta"] = float(delta)
@@ -157,6 +257,9 @@ class ProbCoverParams(EmbeddingParams):
     alpha: float = Field(0.95, gt=0, le=1, description="purity the chosen delta must reach (delta None)")
     deltas: list[float] | None = Field(None, description="grid of radii for the purity rule (None: exact largest)")
     max_edges: int = Field(MAX_EDGES, ge=1, description="refuse a delta-ball graph with more edges")
+    max_points: int = Field(
+        MAX_POINTS, ge=1, description="refuse larger labeled + candidate sets up front (O(N^2 d) distances)"
+    )
     backend: Backend = Field("exact", description="'exact' (chunked torch) or 'faiss' (if installed)")
 
 
@@ -171,9 +274,12 @@ class ProbCover(Strategy):
     tune delta by hand (0.6 on normalised SimCLR features of CIFAR-10). Embeddings as TypiClust (``embedding:
     model|user``, L2-normalised). Label-free, so it also serves the first round.
 
-    Complexity: the purity rule is one chunked pass, O(N^2·d) time, O(N) memory; the radius graph is built in
-    blocks of ``BLOCK_ELEMENTS`` distances and kept as CSR, O(N^2·d) time and O(N + E) memory for E edges
-    (``max_edges`` refuses a dense graph); the greedy selection is O(E + b·N). Deviations: the purity delta is
+    Complexity: one pass over blocks of ``BLOCK_ELEMENTS`` distances, O(N^2·d) time, gives the purity distances
+    and the graph up to an upper bound of delta (from 2,000 sampled rows), kept as CSR: O(N + E) memory for E
+    edges; a second pass only if the bound was low. The row sample also estimates E first: a graph above
+    ``max_edges`` is refused before the pass, as is a set above ``max_points`` (200,000 labeled + candidates,
+    about 80 minutes of one core at d = 64; ``subset`` or the subsample wrapper bound it). The greedy selection
+    is O(E + b·N). Deviations: the purity delta is
     the exact largest one (no grid unless ``deltas``); once every point is covered the remaining picks are drawn
     at random (the authors' argmax would return row 0, possibly a labeled sample); the authors' graph builder
     skipped the last partial batch of rows, here every row is used. Per-class counts of its picks are recorded
@@ -187,6 +293,14 @@ class ProbCover(Strategy):
 
     def query(self, ctx, budget, rng):
         p: ProbCoverParams = self.params
+        n = len(ctx.candidates) + len(ctx.labeled)
+        if n > p.max_points:
+            raise ActivelabError(
+                f"probcover over N={n:,} labeled + candidate points computes all N^2 = {float(n) ** 2:.2g} pairwise "
+                f"distances, about {n**2 * SECONDS_PER_DISTANCE / 3600:,.1f} hours of one CPU core (memory stays "
+                f"O(N + edges)). Score a random subset (params: {{subset: {p.max_points - len(ctx.labeled)}}}, or "
+                "wrap: subsample) or raise max_points to run it anyway"
+            )
         cand, lab = embedding_inputs(ctx, p.embedding)
         return probcover_select(
             cand,

@@ -11,8 +11,8 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import ActivelabError
+from ..neighbors import BLOCK_ELEMENTS, Backend, kmeans_labels, knn_sq_distances
 from ._embedding import EmbeddingParams, embedding_inputs
-from ._neighbors import BLOCK_ELEMENTS, Backend, kmeans_labels, knn_sq_distances
 from .base import Strategy, register
 
 
