@@ -7,7 +7,8 @@ W is a product of the layer's input a and the *signal* g = d objective / d y, in
 - ``nn.Conv1d`` / ``nn.Conv2d``, any stride, dilation, padding (``"same"``, ``"valid"``, reflect / replicate /
   circular modes) and groups (grouped, depthwise): dW = sum over output positions of g times the input patch,
   formed for the whole chunk by one weight-gradient convolution with the batch folded into the groups
-  (:func:`conv_weight_grads`), or through Gram matrices when a layer has few output positions;
+  (:func:`conv_weight_grads`), or, for norms, through Gram matrices when a layer has few output positions (a
+  Conv1d's input Gram shifted along the kernel, :func:`_shifted_gram`, never the unfolded input);
 - BatchNorm (eval mode, running statistics), GroupNorm, LayerNorm, RMSNorm, y = a_hat * weight + bias:
   d weight = sum of g * a_hat over the positions that share the parameter (BatchNorm: (sum g a - mean sum g)
   / sqrt(var + eps), so a_hat is not formed), d bias = sum of g;
@@ -21,7 +22,10 @@ autograd (only the signals are asked for), and per-sample gradients are formed l
 When only some entries of a layer are wanted (a Fisher mask), only the signals of the output units (channels
 or features) those entries belong to are kept (when that is at most half of them), a convolution's input is
 used only for the input channels they read, and the products are formed on the block of wanted rows x
-columns, or entry by entry when that block would be much bigger than the wanted set.
+columns, or, when that block would be much bigger than the wanted set (or, over few positions, than the wanted
+rows padded to the longest), by one batched product per sample and row over that row's wanted columns
+(:func:`rowwise_products`), or entry by entry. That index work depends on the wanted entries and the shapes
+only, so it is done on a layer's first chunk and kept (:attr:`SignalLayer.plans`).
 
 Used by :mod:`activelab.inference.fisher` (masked Fisher embeddings: C objectives, log p(c|x) for each class)
 and :mod:`activelab.inference.gradients` (entropy gradient norms: one objective, the entropy).
