@@ -16,10 +16,11 @@ from .base import Strategy, StrategyParams, register
 #: Entries (float64) of the largest temporary of one scoring step: 2**22 -> 32 MB.
 CHUNK_ELEMENTS = 2**22
 #: Default cap on the candidates scored: each sampled greedy step costs O(N·M·P·C), so that a batch of 100 at
-#: 100,000 candidates already needs about an hour of one CPU core.
+#: 100,000 candidates already needs about 45 minutes of one CPU core (M = 4,000, C = 10, P = 20).
 MAX_CANDIDATES = 100_000
-#: Measured cost of one entry (one candidate, class and configuration) of a sampled scoring step: the
-#: entropy of the (M, N·C) product dominates (benchmarks/bench_batchbald.py, one core).
+#: Measured cost of one entry (one candidate, class and configuration) of a sampled scoring step at P = 20
+#: passes: the entropy of the (M, N·C) product and the product itself (which grows with P) share it
+#: (benchmarks/bench_batchbald.py, one core).
 SECONDS_PER_ENTRY = 6.5e-9
 
 
