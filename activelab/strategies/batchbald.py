@@ -186,9 +186,9 @@ class BatchBALD(Strategy):
     def ensemble_size(self) -> int:
         return self.params.ensemble
 
-    def query(self, ctx, budget, rng):
+    def check_size(self, n_candidates, n_labeled, num_classes, budget):
         p: BatchBALDParams = self.params
-        n, c = len(ctx.candidates), ctx.num_classes
+        n, c = n_candidates, num_classes
         if n > p.max_candidates:
             m = p.num_samples or default_num_samples(c)
             hours = budget * n * m * c * SECONDS_PER_ENTRY / 3600
@@ -199,6 +199,10 @@ class BatchBALD(Strategy):
                 f"random subset (params: {{subset: {p.max_candidates}}}, or wrap: [{{name: subsample, params: "
                 f"{{size: {p.max_candidates}}}}}]) or raise max_candidates"
             )
+
+    def query(self, ctx, budget, rng):
+        p: BatchBALDParams = self.params
+        self.check_size(len(ctx.candidates), len(ctx.labeled), ctx.num_classes, budget)
         seed = int(rng.integers(2**31 - 1))
         probs = ctx.mc_probs(p.mc_samples, seed, p.ensemble)
         picks, scores = batchbald_select(probs, budget, rng, p.num_samples, p.chunk_elements)

@@ -312,22 +312,26 @@ class ProbCover(Strategy):
     outputs = ("embeddings",)
     example_params: dict = {}
 
-    def query(self, ctx, budget, rng):
+    def check_size(self, n_candidates, n_labeled, num_classes, budget):
         p: ProbCoverParams = self.params
-        n = len(ctx.candidates) + len(ctx.labeled)
+        n = n_candidates + n_labeled
         if n > p.max_points:
-            room = p.max_points - len(ctx.labeled)
+            room = p.max_points - n_labeled
             fix = (
                 f"Score a random subset of the candidates (params: {{subset: {room}}}, or wrap: [{{name: subsample, "
                 f"params: {{size: {room}}}}}]) or raise max_points to run it anyway"
                 if room >= budget
-                else f"The labeled set alone has {len(ctx.labeled):,} points: raise max_points to run it anyway"
+                else f"The labeled set alone has {n_labeled:,} points: raise max_points to run it anyway"
             )
             raise ActivelabError(
                 f"probcover over N={n:,} labeled + candidate points computes all N^2 = {float(n) ** 2:.2g} pairwise "
                 f"distances, about {n**2 * SECONDS_PER_DISTANCE / 3600:,.1f} hours of one CPU core (memory stays "
                 f"O(N + edges)). {fix}"
             )
+
+    def query(self, ctx, budget, rng):
+        p: ProbCoverParams = self.params
+        self.check_size(len(ctx.candidates), len(ctx.labeled), ctx.num_classes, budget)
         cand, lab = embedding_inputs(ctx, p.embedding)
         return probcover_select(
             cand,
