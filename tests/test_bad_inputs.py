@@ -72,6 +72,7 @@ def _check(res, code: int = 2, needle: str | None = None) -> None:
 
 
 # (file text, where the config goes, expected words)
+LIMIT_9 = {"max_points": 9}
 CONFIG_CASES = [
     ("", "top level must be a mapping"),
     ("name: [unclosed\n", "not valid YAML"),
@@ -92,6 +93,14 @@ CONFIG_CASES = [
     (_yaml(_with(device="cuda:5")), "cuda"),
     (_yaml(_with(bias={"kind": "step", "ratio": 0.5})), "bias.ratio"),
     (_yaml(_with(train={"select_by": "validation"})), "validation.per_class > 0"),
+    # size limits are checked before any training (the pool here has a few hundred images)
+    (_yaml(_with(strategies=[{"name": "probcover", "params": {"max_points": 50}}])), "labeled + candidate points"),
+    (_yaml(_with(strategies=[{"name": "batchbald", "params": {"max_candidates": 20}}])), "batchbald over N="),
+    (_yaml(_with(strategies=[{"name": "bengar", "params": {"max_candidates": 20}}])), "bengar: the LP over N="),
+    (
+        _yaml(_with(strategies=[{"name": "margin", "first_round": {"name": "probcover", "params": LIMIT_9}}])),
+        "probcover over N=",
+    ),
 ]
 
 

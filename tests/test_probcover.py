@@ -144,7 +144,7 @@ def test_a_graph_too_big_is_refused_up_front_with_its_size(monkeypatch):
     monkeypatch.setattr(pc, "radius_graph", no_full_pass)
     x = _blobs(3000, seed=4)
     for kwargs in ({"delta": 0.8}, {"num_classes": 3}):
-        with pytest.raises(ActivelabError, match=r"would hold about [\d,]+ edges .*GiB.*max_edges = 1,000.*subsample"):
+        with pytest.raises(ActivelabError, match=r"would hold about [\d,]+ edges .*MB.*max_edges = 1,000.*subset: \d+"):
             probcover_select(x, x[:0], 10, np.random.default_rng(0), max_edges=1000, **kwargs)
 
 
@@ -162,3 +162,26 @@ def test_too_many_points_is_refused_before_any_pass_and_subset_runs():
     strategy = get_strategy("probcover")(max_points=40, subset=30)
     picks = run_strategy(strategy, model, pool, np.arange(10), 3, np.random.default_rng(0))
     assert len(set(picks.tolist())) == 3 and model.seen[10:].sum() == 30
+
+
+def test_purity_delta_of_zero_is_refused():
+    # duplicate points split across clusters: no positive radius keeps their balls pure
+    x = l2_normalize(np.repeat(np.eye(4, dtype=np.float32), 10, axis=0))
+    labels = np.arange(40) % 4  # every point shares its position with points of the other clusters
+    with pytest.raises(ActivelabError, match="chose delta = 0"):
+        probcover_select(x, x[:0], 3, np.random.default_rng(0), cluster_labels=labels)
+
+
+def test_a_grid_delta_is_estimated_at_the_grid_value():
+    x = _blobs(3000, seed=5)
+    labels = kmeans_labels(x, 3, np.random.default_rng(0))
+    exact, _ = purity_delta(x, labels, 0.95)
+    small = exact / 8
+    edges = radius_graph(x, small).nnz
+    # the graph at the grid value fits; at the exact purity delta it would not
+    assert radius_graph(x, exact).nnz > 4 * edges
+    info = {}
+    probcover_select(
+        x, x[:0], 5, np.random.default_rng(0), cluster_labels=labels, deltas=[small], max_edges=2 * edges, info=info
+    )
+    assert info["probcover_delta"] == pytest.approx(small) and info["probcover_edges"] == edges

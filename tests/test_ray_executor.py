@@ -234,7 +234,7 @@ def test_tasks_reach_the_store_only_through_the_driver_service(tmp_path, cluster
     assert error is not None and "must not open" in error and _rounds_done(exp) == 0
     service = start_service(ray)
     try:
-        remote = RemoteStore(str((exp / "results.sqlite").resolve()), service)
+        remote = RemoteStore(str(exp), service)  # the experiment as the driver names it
         assert remote.get_meta("experiment") == "tiny"
         with pytest.raises(AttributeError, match="no method 'conn'"):
             _ = remote.conn

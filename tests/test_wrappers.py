@@ -247,3 +247,17 @@ def test_select_checks_the_model_and_dataset_contracts_on_two_samples():
         activelab.select("gradnorm", Flat(), make_pool(), labeled=[0], budget=2)
     with pytest.raises(ActivelabError, match="item 0"):
         activelab.select("margin", _model(), OnlyX(), budget=2)
+
+
+def test_size_limits_see_what_the_wrappers_hand_down():
+    from activelab.errors import ActivelabError
+    from activelab.strategies.wrappers import build_strategy
+
+    limited = {"max_candidates": 100}
+    build_strategy("batchbald", limited, [("subsample", {"size": 50})]).sized_check(1000, 10, 4, 5)
+    build_strategy("batchbald", {**limited, "subset": 80}).sized_check(1000, 10, 4, 5)
+    for wrap in ([], ["class_balanced"], [("subsample", {"size": 500})]):
+        with pytest.raises(ActivelabError, match="batchbald over N="):
+            build_strategy("batchbald", limited, wrap).sized_check(1000, 10, 4, 5)
+    with pytest.raises(ActivelabError, match="probcover over N=1,010 labeled"):
+        build_strategy("probcover", {"max_points": 100}, ["class_balanced"]).sized_check(1000, 10, 4, 5)

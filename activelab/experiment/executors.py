@@ -78,10 +78,9 @@ def execute_job(job: Job) -> str | None:
         if job.store_service is None:
             run_job(job.exp_dir, cfg, job.run, scfg)
         else:
-            from .layout import Layout
             from .store_service import serving
 
-            with serving(Layout(job.exp_dir).store, job.store_service):
+            with serving(job.exp_dir, job.store_service):
                 run_job(job.exp_dir, cfg, job.run, scfg)
         return None
     except Exception as exc:
@@ -137,6 +136,16 @@ def import_ray():
 
         raise ActivelabError(f"the Ray executor needs Ray, which is not installed here: {RAY_INSTALL_HINT}") from exc
     return ray
+
+
+def _stop_service(ray, service) -> None:
+    """Close the store service's connections and end it; a service that already died is only killed."""
+    try:
+        ray.get(service.close.remote())
+    except Exception:  # noqa: BLE001 - the actor died (its connections went with it); do not hide the run's error
+        pass
+    finally:
+        ray.kill(service)
 
 
 class RayExecutor(Executor):
@@ -244,10 +253,9 @@ class RayExecutor(Executor):
                         error = f"ray task failed: {type(exc).__name__}: {exc}"
                     on_done(job, error)
         finally:
-            if service is not None:
-                try:
-                    ray.get(service.close.remote())
-                finally:
-                    ray.kill(service)
-            if connected:
-                ray.shutdown()
+            try:
+                if service is not None:
+                    _stop_service(ray, service)
+            finally:
+                if connected:
+                    ray.shutdown()

@@ -8,9 +8,10 @@ calls go to it through a :class:`RemoteStore`, which has the methods of :class:`
 that a job and a lease use. The checkpoints and initial models are plain files written by atomic rename, so
 they only need the shared directory.
 
-Within a task, :func:`open_store` gives the remote store for the served path and a local :class:`Store`
-otherwise; :func:`serving` installs the service for the duration of one task (a process-wide setting, so the
-lease's heartbeat thread sees it too).
+Within a task, :func:`serving` installs the service for the duration of one job (a process-wide setting, so the
+lease's heartbeat thread sees it too) and :func:`open_store` then gives the remote store. A job names its store
+by its experiment directory as the driver wrote it in the job, and the service opens that directory's store as
+the driver's node sees it (a worker may mount the shared directory elsewhere behind a link).
 """
 
 from __future__ import annotations
@@ -30,21 +31,23 @@ SERVED_METHODS = frozenset(
 )
 
 _lock = threading.Lock()
-_service: tuple[str, Any] | None = None  # (resolved store path, the service's handle)
+_service: tuple[str, Any] | None = None  # (experiment directory as the driver names it, the service's handle)
 
 
 class StoreService:
-    """Owns one :class:`Store` per served path and runs the calls it receives, one at a time."""
+    """Owns one :class:`Store` per experiment directory and runs the calls it receives, one at a time."""
 
     def __init__(self) -> None:
         self._stores: dict[str, Store] = {}
 
-    def call(self, path: str, method: str, *args, **kwargs):
+    def call(self, exp_dir: str, method: str, *args, **kwargs):
         if method not in SERVED_METHODS:
             raise AttributeError(f"the store service does not serve {method!r}")
-        if path not in self._stores:
-            self._stores[path] = Store(path)
-        return getattr(self._stores[path], method)(*args, **kwargs)
+        if exp_dir not in self._stores:
+            from .layout import Layout
+
+            self._stores[exp_dir] = Store(Layout(exp_dir).store)  # the path as this (the driver's) node sees it
+        return getattr(self._stores[exp_dir], method)(*args, **kwargs)
 
     def host(self) -> tuple[str, int]:
         import socket
@@ -60,8 +63,8 @@ class StoreService:
 class RemoteStore:
     """The served methods of a :class:`Store`, each a blocking call to the service."""
 
-    def __init__(self, path: str, handle: Any) -> None:
-        self._path, self._handle = path, handle
+    def __init__(self, exp_dir: str, handle: Any) -> None:
+        self._exp_dir, self._handle = exp_dir, handle
 
     def __getattr__(self, method: str):
         if method not in SERVED_METHODS:
@@ -69,7 +72,7 @@ class RemoteStore:
         import ray
 
         def call(*args, **kwargs):
-            return ray.get(self._handle.call.remote(self._path, method, *args, **kwargs))
+            return ray.get(self._handle.call.remote(self._exp_dir, method, *args, **kwargs))
 
         return call
 
@@ -83,25 +86,23 @@ class RemoteStore:
         self.close()
 
 
-def _key(path: str | Path) -> str:
-    return str(Path(path).resolve())
-
-
 def open_store(path: str | Path) -> Store | RemoteStore:
-    """The store at ``path``: through the service when this process is running a task that it serves."""
+    """The store at ``path``, or, while this process runs a served job, that job's store through the service
+    (a job opens no other store)."""
     with _lock:
         service = _service
-    if service is not None and service[0] == _key(path):
+    if service is not None:
         return RemoteStore(service[0], service[1])
     return Store(path)
 
 
 @contextmanager
-def serving(path: str | Path, handle: Any) -> Iterator[None]:
-    """Send this process's calls to the store at ``path`` to the service ``handle`` for the body."""
+def serving(exp_dir: str, handle: Any) -> Iterator[None]:
+    """Send this process's store calls to the service ``handle``, for the experiment ``exp_dir`` (the driver's
+    name for it), for the body."""
     global _service
     with _lock:
-        previous, _service = _service, (_key(path), handle)
+        previous, _service = _service, (str(exp_dir), handle)
     try:
         yield
     finally:
@@ -110,7 +111,8 @@ def serving(path: str | Path, handle: Any) -> Iterator[None]:
 
 
 def start_service(ray) -> Any:
-    """A :class:`StoreService` actor on this (the driver's) node, holding no CPU."""
+    """A :class:`StoreService` actor on this (the driver's) node, holding no CPU. (Under Ray Client,
+    ``ray://``, the "driver" node is the cluster's head: the store must then be local to the head.)"""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()

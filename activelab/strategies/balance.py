@@ -158,8 +158,8 @@ class Bengar(Strategy):
             200_000, ge=1, description="refuse larger LPs up front (wrap in subsample for bigger pools)"
         )
 
-    def query(self, ctx, budget, rng):
-        n, c = len(ctx.candidates), ctx.num_classes
+    def check_size(self, n_candidates, n_labeled, num_classes, budget):
+        n, c = n_candidates, num_classes
         if n > self.params.max_candidates:
             raise ActivelabError(
                 f"bengar: the LP over N={n:,} candidates and C={c} classes has {n + c:,} variables and "
@@ -167,6 +167,9 @@ class Bengar(Strategy):
                 f"subsample (wrap: [{{name: subsample, params: {{size: {self.params.max_candidates}}}}}]) or raise "
                 "max_candidates if the machine has the memory"
             )
+
+    def query(self, ctx, budget, rng):
+        self.check_size(len(ctx.candidates), len(ctx.labeled), ctx.num_classes, budget)
         counts = np.bincount(np.asarray(ctx.labeled_labels(), dtype=np.int64), minlength=ctx.num_classes)
         picks, notes = bengar_select(ctx.probs("candidates"), counts, budget, self.params.lam, rng)
         ctx.info.update(notes)

@@ -76,6 +76,17 @@ class Strategy:
         :meth:`subsample_size` asks for one."""
         return query_subsample(self.query, ctx, self.subsample_size(budget), budget, rng)
 
+    def check_size(self, n_candidates: int, n_labeled: int, num_classes: int, budget: int) -> None:
+        """Raise an :class:`ActivelabError` with the sizes it would need if a query on ``n_candidates``
+        candidates (after this strategy's own subset) cannot run within its limits; nothing by default. Called
+        by :meth:`sized_check` before the query, and by an experiment's preflight before any training."""
+
+    def sized_check(self, n_candidates: int, n_labeled: int, num_classes: int, budget: int) -> None:
+        """:meth:`check_size` on the candidates this strategy's query would see (its subset applied)."""
+        size = self.subsample_size(budget)
+        n = n_candidates if size is None else min(size, n_candidates)
+        self.check_size(n, n_labeled, num_classes, budget)
+
     def ensemble_size(self) -> int:
         """How many separately trained models the experiment runner keeps for this strategy (1: just the
         model). Members beyond the first reach ``query`` as ``ctx.ensemble_models`` (all E, first included)."""

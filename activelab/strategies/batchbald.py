@@ -16,10 +16,11 @@ from .base import Strategy, StrategyParams, register
 #: Entries (float64) of the largest temporary of one scoring step: 2**22 -> 32 MB.
 CHUNK_ELEMENTS = 2**22
 #: Default cap on the candidates scored: each sampled greedy step costs O(N·M·P·C), so that a batch of 100 at
-#: 100,000 candidates already needs about an hour of one CPU core.
+#: 100,000 candidates already needs about 45 minutes of one CPU core (M = 4,000, C = 10, P = 20).
 MAX_CANDIDATES = 100_000
-#: Measured cost of one entry (one candidate, class and configuration) of a sampled scoring step: the
-#: entropy of the (M, N·C) product dominates (benchmarks/bench_batchbald.py, one core).
+#: Measured cost of one entry (one candidate, class and configuration) of a sampled scoring step at P = 20
+#: passes: the entropy of the (M, N·C) product and the product itself (which grows with P) share it
+#: (benchmarks/bench_batchbald.py, one core).
 SECONDS_PER_ENTRY = 6.5e-9
 
 
@@ -185,9 +186,9 @@ class BatchBALD(Strategy):
     def ensemble_size(self) -> int:
         return self.params.ensemble
 
-    def query(self, ctx, budget, rng):
+    def check_size(self, n_candidates, n_labeled, num_classes, budget):
         p: BatchBALDParams = self.params
-        n, c = len(ctx.candidates), ctx.num_classes
+        n, c = n_candidates, num_classes
         if n > p.max_candidates:
             m = p.num_samples or default_num_samples(c)
             hours = budget * n * m * c * SECONDS_PER_ENTRY / 3600
@@ -198,6 +199,10 @@ class BatchBALD(Strategy):
                 f"random subset (params: {{subset: {p.max_candidates}}}, or wrap: [{{name: subsample, params: "
                 f"{{size: {p.max_candidates}}}}}]) or raise max_candidates"
             )
+
+    def query(self, ctx, budget, rng):
+        p: BatchBALDParams = self.params
+        self.check_size(len(ctx.candidates), len(ctx.labeled), ctx.num_classes, budget)
         seed = int(rng.integers(2**31 - 1))
         probs = ctx.mc_probs(p.mc_samples, seed, p.ensemble)
         picks, scores = batchbald_select(probs, budget, rng, p.num_samples, p.chunk_elements)

@@ -30,8 +30,9 @@ from .base import Strategy, register
 
 #: Default cap on the edges of the delta-ball graph (about 10 bytes each with its transpose).
 MAX_EDGES = 2**26
-#: Default cap on labeled + candidate points: the exact graph needs all N^2 distances.
-MAX_POINTS = 200_000
+#: Default cap on labeled + candidate points: the exact graph needs all N^2 distances (500,000: about half an
+#: hour of one core at d = 64; 1,000,000: about two hours).
+MAX_POINTS = 500_000
 #: Measured cost of one pairwise distance in the one-pass scan on one core, at d = 64 (the elementwise passes
 #: dominate there; at d = 512 the matmul doubles it): benchmarks/bench_coldstart.py and bench_million.py.
 SECONDS_PER_DISTANCE = 7e-9
@@ -105,19 +106,31 @@ def _sample_rows(n: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(n, SAMPLE_ROWS, replace=False))
 
 
-def _refuse_if_too_big(n: int, rows: np.ndarray, x: np.ndarray, delta: float, max_edges: int, how: str) -> float:
+def _refuse_if_too_big(
+    n: int, n_labeled: int, rows: np.ndarray, x: np.ndarray, delta: float, max_edges: int | None, how: str
+) -> float:
     """The graph's edges at ``delta`` estimated from the ball sizes of ``rows``; refuses before the full pass
     when the estimate passes ``max_edges``."""
     estimate = float(ball_sizes(x, rows, delta).mean()) * n
     if max_edges is not None and estimate > max_edges:
-        fit = max(1, int(n * np.sqrt(max_edges / estimate)))
+        # edges grow about as the square of the points at a fixed delta (the purity rule's delta also changes)
+        fit = max(1, int(n * np.sqrt(max_edges / estimate)) - n_labeled)
         raise ActivelabError(
             f"probcover: the delta-ball graph over {n:,} points at delta = {delta:.4g} ({how}) would hold about "
-            f"{estimate:,.0f} edges (about {estimate * EDGE_BYTES / 2**30:.1f} GiB), more than max_edges = "
-            f"{max_edges:,}. Subsample the candidates (wrap: [{{name: subsample, params: {{size: {fit}}}}}] or "
-            "smaller), pass a smaller delta, or raise max_edges if the memory is there"
+            f"{estimate:,.0f} edges (about {estimate * EDGE_BYTES / 2**20:,.0f} MB), more than max_edges = "
+            f"{max_edges:,}. Subsample the candidates (params: {{subset: {fit}}}, or wrap: [{{name: subsample, "
+            f"params: {{size: {fit}}}}}], about; smaller if the purity rule's delta grows), pass a smaller delta, "
+            "or raise max_edges if the memory is there"
         )
     return estimate
+
+
+def _check_delta(delta: float) -> None:
+    if not delta > 0:
+        raise ActivelabError(
+            f"the purity rule chose delta = {delta:.4g}: points of different k-means clusters coincide (duplicate "
+            "embeddings), so no positive radius keeps the balls pure; pass delta explicitly or lower alpha"
+        )
 
 
 def _upper_quantile_rank(m: int, n: int, s: int) -> int:
@@ -200,7 +213,7 @@ def probcover_select(
     if delta is not None:
         if delta <= 0:
             raise ActivelabError(f"delta must be positive; got {delta}")
-        _refuse_if_too_big(n, rows, x, delta, max_edges, "given")
+        _refuse_if_too_big(n, len(labeled), rows, x, delta, max_edges, "given")
         graph = radius_graph(x, delta, block_elements, backend, max_edges)
     else:
         if cluster_labels is None:
@@ -209,18 +222,21 @@ def probcover_select(
             cluster_labels = kmeans_labels(x, num_classes, rng, backend=backend)
         _check_alpha(alpha)
         sample_sq = np.sort(nearest_other_cluster_sq(x, cluster_labels, block_elements, backend, rows=rows))
-        m = n - int(np.ceil(alpha * n)) + 1  # the exact delta is the m-th smallest distance
-        estimate = float(np.sqrt(sample_sq[min(len(rows) - 1, int(round(m / n * len(rows))))]))
         edges = 0.0
-        if np.isfinite(estimate) and estimate > 0:
-            how = f"the purity rule's, estimated from {len(rows):,} rows"
-            edges = _refuse_if_too_big(n, rows, x, estimate, max_edges, how)
+        if np.isfinite(sample_sq).any():  # the delta the rule would choose on the sampled rows (grid included)
+            estimate = purity_delta_from(sample_sq, alpha, deltas)[0]
+            if np.isfinite(estimate) and estimate > 0:
+                how = f"the purity rule's, estimated from {len(rows):,} rows"
+                edges = _refuse_if_too_big(n, len(labeled), rows, x, estimate, max_edges, how)
         if resolve_backend(backend) == "faiss":
             delta, pure = purity_delta(x, cluster_labels, alpha, deltas, block_elements, backend)
+            _check_delta(delta)
             graph = radius_graph(x, delta, block_elements, backend, max_edges)
+            passes = 2
         else:
             # one pass for both the purity distances and the graph up to an upper bound of delta; a second pass
-            # only if the bound was too low (or the bounded graph passed max_edges)
+            # only if the bound was too low (or the bounded graph passed its cap)
+            m = n - int(np.ceil(alpha * n)) + 1  # the exact delta is the m-th smallest distance
             bound = float(np.sqrt(sample_sq[_upper_quantile_rank(m, n, len(rows))]))
             if deltas is not None:
                 bound = max(bound, float(np.min(deltas)))
@@ -232,12 +248,17 @@ def probcover_select(
             cap = cap if max_edges is None else min(cap, max_edges)
             d_other_sq, wide, wide_sq = purity_scan(x, cluster_labels, bound, cap, block_elements)
             delta, pure = purity_delta_from(d_other_sq, alpha, deltas)
+            del d_other_sq
+            _check_delta(delta)
             if wide is not None and delta <= bound:
-                graph = shrink_graph(wide, wide_sq, delta)
+                graph, passes = shrink_graph(wide, wide_sq, delta), 1
             else:
+                graph, passes = None, 2
+            del wide, wide_sq  # before the second pass and the greedy step
+            if graph is None:
                 graph = radius_graph(x, delta, block_elements, backend, max_edges)
-            if info is not None:
-                info["probcover_passes"] = 1 if wide is not None and delta <= bound else 2
+        if info is not None:
+            info["probcover_passes"] = passes
     picks, n_random = greedy_coverage(graph, len(labeled), budget, rng)
     if info is not None:
         info["probcover_delta"] = float(delta)
@@ -277,8 +298,8 @@ class ProbCover(Strategy):
     Complexity: one pass over blocks of ``BLOCK_ELEMENTS`` distances, O(N^2·d) time, gives the purity distances
     and the graph up to an upper bound of delta (from 2,000 sampled rows), kept as CSR: O(N + E) memory for E
     edges; a second pass only if the bound was low. The row sample also estimates E first: a graph above
-    ``max_edges`` is refused before the pass, as is a set above ``max_points`` (200,000 labeled + candidates,
-    about 80 minutes of one core at d = 64; ``subset`` or the subsample wrapper bound it). The greedy selection
+    ``max_edges`` is refused before the pass, as is a set above ``max_points`` (500,000 labeled + candidates,
+    about 30 minutes of one core at d = 64; ``subset`` or the subsample wrapper bound it). The greedy selection
     is O(E + b·N). Deviations: the purity delta is
     the exact largest one (no grid unless ``deltas``); once every point is covered the remaining picks are drawn
     at random (the authors' argmax would return row 0, possibly a labeled sample); the authors' graph builder
@@ -291,16 +312,26 @@ class ProbCover(Strategy):
     outputs = ("embeddings",)
     example_params: dict = {}
 
-    def query(self, ctx, budget, rng):
+    def check_size(self, n_candidates, n_labeled, num_classes, budget):
         p: ProbCoverParams = self.params
-        n = len(ctx.candidates) + len(ctx.labeled)
+        n = n_candidates + n_labeled
         if n > p.max_points:
+            room = p.max_points - n_labeled
+            fix = (
+                f"Score a random subset of the candidates (params: {{subset: {room}}}, or wrap: [{{name: subsample, "
+                f"params: {{size: {room}}}}}]) or raise max_points to run it anyway"
+                if room >= budget
+                else f"The labeled set alone has {n_labeled:,} points: raise max_points to run it anyway"
+            )
             raise ActivelabError(
                 f"probcover over N={n:,} labeled + candidate points computes all N^2 = {float(n) ** 2:.2g} pairwise "
                 f"distances, about {n**2 * SECONDS_PER_DISTANCE / 3600:,.1f} hours of one CPU core (memory stays "
-                f"O(N + edges)). Score a random subset (params: {{subset: {p.max_points - len(ctx.labeled)}}}, or "
-                "wrap: subsample) or raise max_points to run it anyway"
+                f"O(N + edges)). {fix}"
             )
+
+    def query(self, ctx, budget, rng):
+        p: ProbCoverParams = self.params
+        self.check_size(len(ctx.candidates), len(ctx.labeled), ctx.num_classes, budget)
         cand, lab = embedding_inputs(ctx, p.embedding)
         return probcover_select(
             cand,

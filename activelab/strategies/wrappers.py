@@ -81,6 +81,14 @@ class Wrapper(Strategy):
     def subsample_size(self, budget: int) -> int | None:
         return None
 
+    def sized_check(self, n_candidates: int, n_labeled: int, num_classes: int, budget: int) -> None:
+        """The base's check on at most as many candidates as this wrapper hands it (class_balanced and stochastic
+        hand it fewer or as many; subsample at most its size)."""
+        self.base.sized_check(self.inner_candidates(n_candidates), n_labeled, num_classes, budget)
+
+    def inner_candidates(self, n_candidates: int) -> int:
+        return n_candidates
+
 
 @register_wrapper
 class Subsample(Wrapper):
@@ -103,6 +111,9 @@ class Subsample(Wrapper):
 
     def query(self, ctx, budget, rng):
         return query_subsample(self.base.run, ctx, self.params.size, budget, rng, what="subsample size")
+
+    def inner_candidates(self, n_candidates: int) -> int:
+        return min(self.params.size, n_candidates)
 
 
 def balanced_quotas(labeled_counts: np.ndarray, available: np.ndarray, budget: int) -> np.ndarray:
