@@ -122,7 +122,15 @@ class _Odd(nn.Module):
         return self.fc(self.bn1(x))
 
 
-def test_signal_method_covers_batchnorm_grouped_shared_and_mapped_layers():
+@pytest.mark.parametrize("stream", [False, True], ids=["vectorised", "one class at a time"])
+def test_signal_method_covers_batchnorm_grouped_shared_and_mapped_layers(stream, monkeypatch):
+    """Both ways of the signal method (one backward pass vectorised over the classes, or one per class with
+    the fallback's Jacobian written into the same output) against the loop."""
+    import activelab.inference.fisher as fisher
+
+    if stream:
+        monkeypatch.setattr(fisher, "STREAM_BYTES", 0)
+        monkeypatch.setattr(fisher, "_grouped", lambda layer: False)
     torch.manual_seed(0)
     model = _Odd()
     randomise_batchnorm(model.bn, model.bn1)
