@@ -126,6 +126,13 @@ def test_too_many_candidates_is_refused_before_any_pass_and_subset_runs():
     with pytest.raises(ActivelabError, match=r"N=50 candidates .*hours of one CPU core.*subset: 30"):
         run_strategy(strategy, model, pool, np.arange(10), 3, np.random.default_rng(0))
     assert model.seen.sum() == 0  # refused before the stochastic passes
+    from activelab.strategies.wrappers import build_strategy
+
+    params = {"mc_samples": 2, "num_samples": 16, "max_candidates": 30}
+    wrapped = build_strategy("batchbald", params, ["class_balanced"])
+    with pytest.raises(ActivelabError, match=r"N=50 candidates"):  # before class_balanced's own forward pass
+        run_strategy(wrapped, model, pool, np.arange(10), 3, np.random.default_rng(0))
+    assert model.seen.sum() == 0
     strategy = get_strategy("batchbald")(mc_samples=2, num_samples=16, max_candidates=30, subset=30)
     picks = run_strategy(strategy, model, pool, np.arange(10), 3, np.random.default_rng(0))
     assert len(set(picks.tolist())) == 3 and model.seen[10:].sum() == 2 * 30  # only the subset, K passes

@@ -113,6 +113,8 @@ def run_query(
         oracle=oracle,
         user_embeddings=embeddings,
     )
+    # size limits before any model pass, also where a wrapper would run one first (e.g. class_balanced's split)
+    strategy.sized_check(len(candidates), len(labeled), ctx.num_classes, int(budget))
     with seeded_torch(seed.torch_seed, _cuda_devices()):
         positions = np.asarray(strategy.run(ctx, int(budget), rng), dtype=np.int64)
     if positions.shape != (budget,) or len(np.unique(positions)) != budget:
