@@ -48,17 +48,19 @@ def preflight(cfg: ExperimentConfig) -> None:
         raise ActivelabError(
             f"the training labels are outside 0..{data.num_classes - 1} (classes {sorted(data.class_counts)})"
         )
-    n_pool, n_initial = len(data.pool), min(cfg.loop.initial, len(data.pool))
+    n_pool, initial = len(data.pool), min(cfg.loop.initial, len(data.pool))
     for s in cfg.strategies:
         strategy = build_strategy(s.name, s.params, [w.model_dump() for w in s.wrap])
-        # the size limits (e.g. probcover's max_points, batchbald's max_candidates) before any training: the first
-        # round has the most candidates
+        # the size limits (e.g. probcover's max_points, batchbald's max_candidates) before any training, on the
+        # candidates of each strategy's first round (the most it will see)
+        labeled = initial
         if s.first_round is not None:
-            first = build_strategy(s.first_round.name, s.first_round.params)
-            first.sized_check(n_pool - n_initial, n_initial, data.num_classes, s.first_round.budget or cfg.loop.budget)
-            n_initial = min(n_pool, n_initial + (s.first_round.budget or cfg.loop.budget))
-        strategy.sized_check(n_pool - n_initial, n_initial, data.num_classes, cfg.loop.budget)
-        n_initial = min(cfg.loop.initial, n_pool)
+            first_budget = s.first_round.budget or cfg.loop.budget
+            build_strategy(s.first_round.name, s.first_round.params).sized_check(
+                n_pool - labeled, labeled, data.num_classes, first_budget
+            )
+            labeled = min(n_pool, labeled + first_budget)
+        strategy.sized_check(n_pool - labeled, labeled, data.num_classes, cfg.loop.budget)
         trainer = get_trainer(strategy.training)
         with torch.random.fork_rng(devices=[]):
             model = new_model(cfg, data)

@@ -169,7 +169,6 @@ class Bengar(Strategy):
             )
 
     def query(self, ctx, budget, rng):
-        self.check_size(len(ctx.candidates), len(ctx.labeled), ctx.num_classes, budget)
         counts = np.bincount(np.asarray(ctx.labeled_labels(), dtype=np.int64), minlength=ctx.num_classes)
         picks, notes = bengar_select(ctx.probs("candidates"), counts, budget, self.params.lam, rng)
         ctx.info.update(notes)

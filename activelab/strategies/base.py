@@ -79,7 +79,8 @@ class Strategy:
     def check_size(self, n_candidates: int, n_labeled: int, num_classes: int, budget: int) -> None:
         """Raise an :class:`ActivelabError` with the sizes it would need if a query on ``n_candidates``
         candidates (after this strategy's own subset) cannot run within its limits; nothing by default. Called
-        by :meth:`sized_check` before the query, and by an experiment's preflight before any training."""
+        by the query engine (through :meth:`sized_check`) before any model pass, and by an experiment's preflight
+        before any training."""
 
     def sized_check(self, n_candidates: int, n_labeled: int, num_classes: int, budget: int) -> None:
         """:meth:`check_size` on the candidates this strategy's query would see (its subset applied)."""

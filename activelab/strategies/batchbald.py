@@ -202,7 +202,6 @@ class BatchBALD(Strategy):
 
     def query(self, ctx, budget, rng):
         p: BatchBALDParams = self.params
-        self.check_size(len(ctx.candidates), len(ctx.labeled), ctx.num_classes, budget)
         seed = int(rng.integers(2**31 - 1))
         probs = ctx.mc_probs(p.mc_samples, seed, p.ensemble)
         picks, scores = batchbald_select(probs, budget, rng, p.num_samples, p.chunk_elements)

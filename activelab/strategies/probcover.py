@@ -213,7 +213,8 @@ def probcover_select(
     if delta is not None:
         if delta <= 0:
             raise ActivelabError(f"delta must be positive; got {delta}")
-        _refuse_if_too_big(n, len(labeled), rows, x, delta, max_edges, "given")
+        if max_edges is not None:  # the estimate only serves the refusal here
+            _refuse_if_too_big(n, len(labeled), rows, x, delta, max_edges, "given")
         graph = radius_graph(x, delta, block_elements, backend, max_edges)
     else:
         if cluster_labels is None:
@@ -331,7 +332,6 @@ class ProbCover(Strategy):
 
     def query(self, ctx, budget, rng):
         p: ProbCoverParams = self.params
-        self.check_size(len(ctx.candidates), len(ctx.labeled), ctx.num_classes, budget)
         cand, lab = embedding_inputs(ctx, p.embedding)
         return probcover_select(
             cand,
