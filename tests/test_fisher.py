@@ -122,15 +122,13 @@ class _Odd(nn.Module):
         return self.fc(self.bn1(x))
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["vectorised", "one class at a time"])
-def test_signal_method_covers_batchnorm_grouped_shared_and_mapped_layers(stream, monkeypatch):
-    """Both ways of the signal method (one backward pass vectorised over the classes, or one per class with
-    the fallback's Jacobian written into the same output) against the loop."""
+@pytest.mark.parametrize("vectorise", [True, False], ids=["vectorised", "one class at a time"])
+def test_signal_method_covers_batchnorm_grouped_shared_and_mapped_layers(vectorise, monkeypatch):
+    """Both ways of the signal method (one backward pass vectorised over the classes, or one per class into
+    kept tensors), with the fallback's Jacobian in the same output, against the loop."""
     import activelab.inference.fisher as fisher
 
-    if stream:
-        monkeypatch.setattr(fisher, "STREAM_BYTES", 0)
-        monkeypatch.setattr(fisher, "_grouped", lambda layer: False)
+    monkeypatch.setattr(fisher, "_vectorise_classes", lambda model, signal_bytes: vectorise)
     torch.manual_seed(0)
     model = _Odd()
     randomise_batchnorm(model.bn, model.bn1)
@@ -258,13 +256,15 @@ def test_gathered_products_equal_an_einsum(pairs, positions):
     expected = torch.einsum("bcrl,bql->bcrq", g, u)[:, :, rows, cols]
     plan = product_plan(rows, cols, n_rows, n_cols, positions)
     paths = {
-        "diagonal": "rowwise" if positions == 7 else "block",  # few positions: padded rows beat the block
+        "diagonal": "rowwise" if positions > 1 else "block",  # padded rows beat the block
         "block": "block",
         "whole": "block",
         "random": "block",
         "skewed": "block",
     }
     assert plan.path == paths[pairs]
+    if pairs == "diagonal" and positions == 70:  # signals without unit stride along 70 positions: the block
+        assert product_plan(rows, cols, n_rows, n_cols, positions, unit_major=False).path == "block"
     torch.testing.assert_close(gather_products(g, u, rows, cols), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gather_products(g, u, rows, cols, plan), expected, rtol=1e-5, atol=1e-6)
 

@@ -270,11 +270,9 @@ def test_sparse_masks_take_the_per_entry_paths_and_equal_the_loop(monkeypatch):
 @pytest.mark.parametrize("fraction", [0.04, 1.0])
 @pytest.mark.parametrize("kind", KINDS)
 def test_fisher_embeddings_one_class_at_a_time_equal_the_loop(kind, fraction, monkeypatch):
-    """The streamed signal method (one backward pass per class, each class's entries formed from its signals,
-    work on each layer's input kept across the classes), forced on every model, equals the loop in float64
-    and the vectorised method."""
+    """The signal method with one backward pass per class (each pass's signals copied into tensors kept and
+    reused across chunks), forced on every model, equals the loop in float64 and the vectorised method."""
     import activelab.inference.fisher as fisher
-    import activelab.inference.signals as signals
 
     model, pool = _model(kind, torch.float64), _pool(kind, 5, torch.float64)
     idx = np.array([4, 1, 3, 0, 2])
@@ -285,19 +283,19 @@ def test_fisher_embeddings_one_class_at_a_time_equal_the_loop(kind, fraction, mo
         for p in params.values()
     )
     mask = FisherMask(tuple(params), indices, "fc.weight", False)
-    vectorised = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 2)]).numpy()
-    streams = []
-    real = signals.layer_signal_stream
-    monkeypatch.setattr(fisher, "STREAM_BYTES", 0)
-    monkeypatch.setattr(fisher, "_grouped", lambda layer: False)  # bn_conv holds a grouped conv
-    monkeypatch.setattr(fisher, "layer_signal_stream", lambda *a: streams.append(1) or real(*a))
-    got = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 2)]).numpy()
-    assert len(streams) == 3  # one per chunk
+    modes = []
+    real = fisher.layer_signals
+    monkeypatch.setattr(fisher, "layer_signals", lambda *a: modes.append(a[4]) or real(*a))
+    results = {}
+    for vectorise in (True, False):
+        monkeypatch.setattr(fisher, "_vectorise_classes", lambda model, signal_bytes, v=vectorise: v)
+        results[vectorise] = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 2)]).numpy()
+    assert modes == [True] * 3 + [False] * 3  # one call per chunk, each way
     grads, _ = _loop_log_prob_grads(model, pool, idx)
     expected = torch.cat([grads[n][:, :, i] for n, i in zip(params, indices, strict=True)], dim=2).numpy()
     scale = np.abs(expected).max()
-    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * scale)
-    np.testing.assert_allclose(got, vectorised, rtol=1e-12, atol=1e-12 * scale)
+    np.testing.assert_allclose(results[False], expected, rtol=1e-10, atol=1e-10 * scale)
+    np.testing.assert_allclose(results[False], results[True], rtol=1e-12, atol=1e-12 * scale)
 
 
 class RowsNet(nn.Module):

@@ -24,7 +24,7 @@ the embeddings themselves are N x C x K float32.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,10 +38,9 @@ from ..data.arrays import iter_batches
 from ..errors import ActivelabError
 from ..models.introspection import eval_mode, model_device
 from .signals import (
+    LOOPED_UNDER_VMAP,
     VMAP_UNSAFE,
-    SignalLayer,
     layer_entries,
-    layer_signal_stream,
     layer_signals,
     per_sample_block,
     plan_signal_layers,
@@ -54,10 +53,11 @@ WEIGHTINGS: tuple[str, ...] = ("sqrt_p", "none")
 #: Budget for one chunk of per-sample, per-class gradients when ``chunk_size`` is not given.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 #: When one chunk's signals (every class, every masked layer) would take more than this, the signal method runs
-#: its backward passes one class at a time and forms each class's entries while its signals are in cache
-#: (measured on conv nets at 28x28, BatchNorm and depthwise: 5-15% faster than one backward pass vectorised over
-#: the classes, whose C-fold tensors are memory-bound); below it, the vectorised pass is faster (layers over
-#: tokens), and with grouped convolutions too (see :func:`_iter_signal_embeddings`).
+#: its backward passes one class at a time, copying each pass's signals into tensors kept across chunks, and
+#: forms the entries of all classes at once (conv nets at 28x28 with depthwise layers: about 10% faster than one
+#: backward pass vectorised over the classes, whose C-fold tensors are memory-bound); below it, the vectorised
+#: pass is as fast or faster (Conv1d, grouped convolutions), unless normalisation layers make it loop anyway
+#: (see :func:`_vectorise_classes`).
 STREAM_BYTES = 32 * 2**20
 
 
@@ -249,34 +249,46 @@ def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
-def _class_log_prob_sums(logits: torch.Tensor) -> list[torch.Tensor]:
-    """The signal objectives of Fisher embeddings: sum over the batch of log p(c|x), one per class c."""
-    lp = torch.log_softmax(_at_least_float32(logits), dim=-1)
-    return [lp[:, c].sum() for c in range(lp.shape[1])]
+def _other_class_objectives(kept: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """The signal objectives of Fisher embeddings: for i < C - 1, the sum over the batch of log p(c_i(x)|x), the
+    classes c_i(x) being x's classes other than its most probable one (in class order). ``kept`` receives the
+    log-probabilities (``lp``), each sample's most probable class (``top``) and its others (``others``)."""
+
+    def objectives(logits: torch.Tensor) -> list[torch.Tensor]:
+        lp = torch.log_softmax(_at_least_float32(logits), dim=-1)
+        b, c = lp.shape
+        top = lp.detach().argmax(dim=1)
+        classes = torch.arange(c, device=lp.device).expand(b, c)
+        others = classes[classes != top.unsqueeze(1)].view(b, c - 1)
+        kept.update(lp=lp.detach(), top=top, others=others)
+        picked = lp.gather(1, others)
+        return [picked[:, i].sum() for i in range(c - 1)]
+
+    return objectives
 
 
-def _grouped(layer: SignalLayer) -> bool:
-    """A grouped convolution with more than one input channel per group (not depthwise)."""
-    m = layer.module
-    return isinstance(m, (nn.Conv1d, nn.Conv2d)) and 1 < m.groups < m.in_channels
+def _with_top_class(v: torch.Tensor, p: torch.Tensor, top: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """(B, C, K) gradients of log p(c|x) for every class c, in class order, from ``v`` (B, C, K) whose first
+    C - 1 rows are those of x's classes ``others`` (the classes other than its most probable one, in order)
+    and whose last row is written here: sum_c p(c|x) d log p(c|x) = d sum_c p(c|x) = 0, so the most probable
+    class's row is -sum_{c != top} p(c|x) row_c / p(top|x), exact up to rounding (p(top|x) >= 1 / C, so
+    nothing is divided by a small number)."""
+    b, c, _ = v.shape
+    w = (p.gather(1, others) / p.gather(1, top.unsqueeze(1))).to(v.dtype)  # (B, C - 1)
+    v[:, c - 1] = -torch.bmm(w.unsqueeze(1), v[:, : c - 1]).squeeze(1)
+    # class k of sample x sits in row k of v if k < top, row k - 1 if k > top, row C - 1 if k = top
+    k = torch.arange(c, device=v.device).expand(b, c)
+    row = torch.where(k < top.unsqueeze(1), k, k - 1).masked_fill(k == top.unsqueeze(1), c - 1)
+    rows = (row + c * torch.arange(b, device=v.device).unsqueeze(1)).view(-1)
+    return v.reshape(b * c, -1).index_select(0, rows).view(b, c, -1)
 
 
-def _streamed_entries(model, layers, x, num_classes, columns):
-    """(logits, (B, C, K) entries of the signal layers by column, or None without any) of one chunk, with one
-    backward pass per class, each class's entries formed from its signals before the next pass."""
-    logits, saved, passes = layer_signal_stream(model, layers, x, _class_log_prob_sums)
-    b, n_cols = x.shape[0], max((stop for _, stop in columns.values()), default=0)
-    out: torch.Tensor | None = None
-    memos: dict[str, dict] = {layer.name: {} for layer in layers}  # work on each layer's input, done once
-    for cls, signals in enumerate(passes):
-        for layer in layers:
-            entries = layer_entries(layer, saved[layer.name], signals[layer.name], memos[layer.name])
-            for attr, val in entries.items():
-                if out is None:
-                    out = val.new_zeros(b, num_classes, n_cols)
-                start, stop = columns[f"{layer.name}.{attr}"]
-                out[:, cls, start:stop] = val[:, 0]
-    return logits, out
+def _vectorise_classes(model: nn.Module, signal_bytes: int) -> bool:
+    """Whether the signal method differentiates the classes in one backward pass vectorised over them, rather
+    than one pass per class: not when the model holds a module whose backward PyTorch runs once per class under
+    vmap anyway (normalisation layers: about 2x slower than separate passes), nor when one chunk's signals take
+    more than ``STREAM_BYTES`` (C-fold tensors that leave the cache)."""
+    return signal_bytes <= STREAM_BYTES and not any(isinstance(m, LOOPED_UNDER_VMAP) for m in model.modules())
 
 
 def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
@@ -294,36 +306,43 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
             # at most 32 samples: C x 32 signals per layer stay cache-friendly (64 was 10-40% slower on conv nets)
             chunk_size = int(max(1, min(32, DEFAULT_CHUNK_BYTES // max(1, 3 * 4 * num_classes * per_class))))
         signal_bytes = num_classes * chunk_size * 4 * sum(int(np.prod(layer.out_shape[1:])) for layer in layers)
-        # grouped convolutions: their weight-gradient kernel on one class's signals at a time ran 1.5x slower
-        stream = bool(layers) and signal_bytes > STREAM_BYTES and not any(_grouped(layer) for layer in layers)
-        sizes = [len(i) for i in mask.indices]
-        starts = np.cumsum([0] + sizes)
-        columns = {n: (int(starts[i]), int(starts[i + 1])) for i, n in enumerate(mask.names)}
+        vectorise = _vectorise_classes(model, signal_bytes)
+        buffers: dict[str, torch.Tensor] = {}  # the per-class passes' signals, reused chunk after chunk
         for x, _ in iter_batches(dataset, indices, chunk_size):
             x = x.to(device)
-            if stream:
-                logits, v = _streamed_entries(model, layers, x, num_classes, columns)
-                lp = torch.log_softmax(_at_least_float32(logits), dim=-1)
-                if v is None:
-                    v = lp.new_zeros(x.shape[0], num_classes, int(starts[-1]))
-                if jac_fn is not None:
-                    jac, _ = jac_fn(wrt, x)
-                    for n, idx in zip(mask.names, mask.indices, strict=True):
-                        if n in jac:
-                            v[:, :, columns[n][0] : columns[n][1]] = jac[n].flatten(2)[:, :, idx.to(device)]
-                yield v, lp.exp()
-                continue
-            logits, signals, saved = layer_signals(model, layers, x, _class_log_prob_sums)
-            lp = torch.log_softmax(_at_least_float32(logits), dim=-1)
             blocks: dict[str, torch.Tensor] = {}
+            if num_classes == 1:  # log p(c|x) = 0 for the only class: every gradient is zero
+                with torch.no_grad():
+                    lp = torch.log_softmax(_at_least_float32(model(x)), dim=-1)
+                yield lp.new_zeros(x.shape[0], 1, mask.size), lp.exp()
+                continue
+            kept: dict[str, torch.Tensor] = {}
+            objectives = _other_class_objectives(kept)
+            if layers:
+                _, signals, saved = layer_signals(model, layers, x, objectives, vectorise, buffers)
+                parts = {}
+                for layer in layers:
+                    for attr, val in layer_entries(layer, saved[layer.name], signals[layer.name]).items():
+                        parts[f"{layer.name}.{attr}"] = val
+                signal_names = [n for n in mask.names if n in parts]
+                sizes = [parts[n].shape[2] for n in signal_names]
+                dtype = torch.promote_types(parts[signal_names[0]].dtype, torch.float32)
+                v = torch.empty(x.shape[0], num_classes, sum(sizes), dtype=dtype, device=device)
+                torch.cat([parts[n] for n in signal_names], dim=2, out=v[:, : num_classes - 1])
+                v = _with_top_class(v, kept["lp"].exp(), kept["top"], kept["others"])
+                if not fallback:
+                    yield v, kept["lp"].exp()
+                    continue
+                blocks = dict(zip(signal_names, v.split(sizes, dim=2), strict=True))
+            else:
+                with torch.no_grad():
+                    objectives(model(x))
+            lp = kept["lp"]
             if jac_fn is not None:
                 jac, _ = jac_fn(wrt, x)
                 for n, idx in zip(mask.names, mask.indices, strict=True):
                     if n in jac:
                         blocks[n] = jac[n].flatten(2)[:, :, idx.to(device)]
-            for layer in layers:
-                for attr, val in layer_entries(layer, saved[layer.name], signals[layer.name]).items():
-                    blocks[f"{layer.name}.{attr}"] = val
             yield torch.cat([blocks[n] for n in mask.names], dim=2), lp.exp()
 
 

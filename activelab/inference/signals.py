@@ -36,7 +36,7 @@ Layers of other types, or called more than once per forward pass, are not handle
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +48,15 @@ _CONV = (nn.Conv1d, nn.Conv2d)
 #: Modules whose batching rules give wrong results under vmap (nn.PReLU: nested vmaps mix the two batch
 #: dimensions); models holding one never get vectorised backward passes.
 VMAP_UNSAFE = (nn.PReLU,)
+#: Modules whose backward PyTorch runs once per objective under vmap (a loop, then a concatenation), as profiled
+#: with torch 2.14: a backward pass vectorised over the objectives gains nothing through them and loses to
+#: separate passes by its C-fold tensors (LayerNorm models: about 2x).
+LOOPED_UNDER_VMAP = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
 #: Normalisation layers y = a_hat * weight + bias whose parameters are per channel (dimension 1 of the output).
 _CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 #: Normalisation layers whose parameters run over the trailing ``normalized_shape`` dimensions.
@@ -214,39 +223,13 @@ def _forward_with_signal_hooks(
     return out, targets, [eps[layer.name] for layer in layers], saved
 
 
-def layer_signal_stream(
-    model: nn.Module,
-    layers: Sequence[SignalLayer],
-    x: torch.Tensor,
-    objectives: Callable[[torch.Tensor], Sequence[torch.Tensor]],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], Iterator[dict[str, torch.Tensor]]]:
-    """:func:`layer_signals` one objective at a time: one forward pass, then (lazily) one backward pass per
-    objective, as a per-objective loop does, each yielding {name: signals (B, 1, *out)} of that objective only.
-    Nothing is stacked over the objectives, and each pass's signals are small enough to stay in cache while a
-    caller forms that objective's closed forms from them. Returns (output detached, {name: input}, the
-    iterator); the iterator must be run to its end (or dropped) before the next forward pass."""
-    out, targets, inputs, saved = _forward_with_signal_hooks(model, layers, x, objectives)
-
-    def passes() -> Iterator[dict[str, torch.Tensor]]:
-        for i, t in enumerate(targets):
-            grads = torch.autograd.grad(
-                t, inputs, retain_graph=i < len(targets) - 1, allow_unused=True, materialize_grads=True
-            )
-            signals = {}
-            for layer, g in zip(layers, grads, strict=True):
-                if layer.units is not None:
-                    g = g.index_select(layer.unit_dim % g.dim(), layer.units)
-                signals[layer.name] = g.unsqueeze(1)
-            yield signals
-
-    return out.detach(), saved, passes() if layers else iter([{} for _ in targets])
-
-
 def layer_signals(
     model: nn.Module,
     layers: Sequence[SignalLayer],
     x: torch.Tensor,
     objectives: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+    vectorise: bool = True,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One forward pass over the batch with a hook adding a zero tensor (requiring grad) to each signal layer's
     output and saving its input, then the gradients of each objective w.r.t. those zeros.
@@ -254,44 +237,71 @@ def layer_signals(
     ``objectives(output)`` returns scalars, each a sum over the batch of a per-sample quantity. The parameters
     are held constant (only the zeros require grad), so each pass computes the gradients w.r.t. the layer
     outputs and nothing else; as samples do not interact in eval mode, the gradient of the sum at sample b is
-    sample b's own. Several objectives are differentiated in one backward pass vectorised over them (unless
-    the model holds a module in ``VMAP_UNSAFE``). Returns (output detached, {name: signals (B, n_objectives,
-    *out)}, {name: input (B, *in)}), where a layer with ``units`` keeps only those units' signals (along its
-    ``unit_dim``); the signals may be a strided view.
+    sample b's own. With ``vectorise`` (and no module in ``VMAP_UNSAFE``), several objectives are
+    differentiated in one backward pass vectorised over them; otherwise by one backward pass per objective,
+    each pass's signals copied into an (n_objectives, B, *out) tensor as it ends. That costs what a
+    per-objective loop's passes cost, where the vectorised pass is slower: modules whose backward PyTorch
+    runs once per objective under vmap (normalisation layers), or signals too big for the cache.
+    ``buffers``: a dict the caller keeps across chunks, holding those tensors for reuse (a fresh tensor of
+    several MiB per chunk costs its page faults again). Returns (output detached, {name: signals (B,
+    n_objectives, *out)}, {name: input (B, *in)}), where a layer with ``units`` keeps only those units' signals
+    (along its ``unit_dim``); the signals are a strided view, valid until the next call with the same
+    ``buffers``.
     """
     out, targets, inputs, saved = _forward_with_signal_hooks(model, layers, x, objectives)
     if not layers:
         return out.detach(), {}, saved
     signals = {}
-    if len(targets) > 1 and not any(isinstance(m, VMAP_UNSAFE) for m in model.modules()):
+    n = len(targets)
+    if vectorise and n > 1 and not any(isinstance(m, VMAP_UNSAFE) for m in model.modules()):
         # all objectives in one backward pass, vectorised over them (torch's is_grads_batched): each layer's
         # signals come out as (n_objectives, B, *out), so no per-objective copies are stacked
         grads = torch.autograd.grad(
             torch.stack(targets),
             inputs,
-            torch.eye(len(targets), dtype=targets[0].dtype, device=targets[0].device),
+            torch.eye(n, dtype=targets[0].dtype, device=targets[0].device),
             is_grads_batched=True,
             allow_unused=True,  # a layer that runs but does not reach the objective (an auxiliary head): zeros
             materialize_grads=True,
         )
         for layer, g, e in zip(layers, grads, inputs, strict=True):
             if g.dim() == e.dim():  # an unused input's materialised zeros lack the objectives' dimension
-                g = g.unsqueeze(0).expand(len(targets), *g.shape)
+                g = g.unsqueeze(0).expand(n, *g.shape)
             if layer.units is not None:  # on the model's device already (plan_signal_layers puts it there)
                 g = g.index_select(1 + layer.unit_dim % (g.dim() - 1), layer.units)
             signals[layer.name] = g.transpose(0, 1)  # (B, n_objectives, *out), a view
         return out.detach(), signals, saved
-    per_objective = [
-        torch.autograd.grad(t, inputs, retain_graph=i < len(targets) - 1, allow_unused=True, materialize_grads=True)
-        for i, t in enumerate(targets)
-    ]
-    for i, layer in enumerate(layers):
-        grads = [g[i] for g in per_objective]
-        if layer.units is not None:
-            grads = [g.index_select(layer.unit_dim % g.dim(), layer.units) for g in grads]
-        # one objective: a view, not a copy
-        signals[layer.name] = grads[0].unsqueeze(1) if len(grads) == 1 else torch.stack(grads, dim=1)
-    return out.detach(), signals, saved
+    stacked: dict[str, torch.Tensor] = {}
+    for i, t in enumerate(targets):
+        grads = torch.autograd.grad(t, inputs, retain_graph=i < n - 1, allow_unused=True, materialize_grads=True)
+        for layer, g in zip(layers, grads, strict=True):
+            if layer.units is not None:
+                g = g.index_select(layer.unit_dim % g.dim(), layer.units)
+            if n == 1:  # one objective: a view, not a copy
+                stacked[layer.name] = g.unsqueeze(0)
+                continue
+            if i == 0:
+                held = None if buffers is None else buffers.get(layer.name)
+                if held is None or held.shape != (n, *g.shape) or held.dtype != g.dtype or held.device != g.device:
+                    held = _signal_buffer(layer, n, g)
+                    if buffers is not None:
+                        buffers[layer.name] = held
+                stacked[layer.name] = held
+            stacked[layer.name][i] = g
+    return out.detach(), {name: v.transpose(0, 1) for name, v in stacked.items()}, saved
+
+
+def _signal_buffer(layer: SignalLayer, n: int, g: torch.Tensor) -> torch.Tensor:
+    """An (n, *g.shape) tensor for ``n`` objectives' signals like ``g``, objective-major as a vectorised pass
+    leaves them; for a Linear mapped over positions (B, *positions, units), as (n, B, units, positions), so
+    that its products over positions (:func:`rowwise_products`, the block's matrix products) read each
+    (sample, unit)'s signals of all objectives as a matrix with unit stride along the positions (a strided
+    matrix product, no copy; copying one objective's signals in is a fast batched transpose)."""
+    if isinstance(layer.module, nn.Linear) and g.dim() > 2:
+        b, units = g.shape[0], g.shape[-1]
+        held = g.new_empty(n, b, units, int(np.prod(g.shape[1:-1])))
+        return held.transpose(2, 3).unflatten(2, g.shape[1:-1])
+    return g.new_empty(n, *g.shape)
 
 
 def _cached(layer: SignalLayer, key: tuple, make: Callable[[], object]):
@@ -300,16 +310,6 @@ def _cached(layer: SignalLayer, key: tuple, make: Callable[[], object]):
     if key not in layer.plans:
         layer.plans[key] = make()
     return layer.plans[key]
-
-
-def _memo(memo: dict | None, key: str, make: Callable[[], object]):
-    """``make()``, kept in ``memo`` (work on one chunk's layer input, reused across that chunk's objectives when
-    a caller forms the closed forms one objective at a time), or computed afresh when ``memo`` is None."""
-    if memo is None:
-        return make()
-    if key not in memo:
-        memo[key] = make()
-    return memo[key]
 
 
 def _subset(idx: torch.Tensor, n: int) -> torch.Tensor | None:
@@ -348,9 +348,10 @@ def _wanted_units(layer: SignalLayer, attr: str, n_units: int) -> torch.Tensor |
 #: Wanted entries are formed from the whole block of their distinct rows x distinct columns by one batched
 #: matrix product (then gathered) unless that block is more than this many times their number.
 _BLOCK_RATIO = 32
-#: ... or, over at most _FEW_POSITIONS positions, more than this many times the padded row-wise products
-#: (:func:`rowwise_products`), whose small batched products run several times slower per multiply-add than the
-#: block's (over more positions their copies of the signals cost more than the block saves).
+#: ... or more than this many times the padded row-wise products (:func:`rowwise_products`), whose small
+#: batched products run several times slower per multiply-add than the block's; that only over at most
+#: _FEW_POSITIONS positions when the signals are not laid out with unit stride along the positions (over more,
+#: the copy of the signals the row-wise products then need costs more than the block saves).
 _ROWWISE_RATIO = 6
 _FEW_POSITIONS = 64
 #: Row-wise products are padded to the row with the most wanted entries; when that padding would more than
@@ -379,6 +380,8 @@ def row_plan(rows: torch.Tensor, cols: torch.Tensor, n_rows: int | None = None) 
     """Group the pairs (rows[k], cols[k]) by row, padded to the longest row (see :class:`RowPlan`); ``n_rows``:
     how many rows there are (to know when every one is used)."""
     distinct, row_pos = torch.unique(rows, return_inverse=True)
+    if n_rows is not None and 2 * len(distinct) >= n_rows:  # most rows: all of them, so none is gathered
+        distinct, row_pos = torch.arange(n_rows, device=rows.device), rows
     order = torch.argsort(row_pos, stable=True)
     counts = torch.bincount(row_pos, minlength=len(distinct))
     width = int(counts.max()) if len(counts) else 0
@@ -418,9 +421,13 @@ class ProductPlan:
     loop: tuple | None = None  # loop: (order, cols in that order, [(row, count)], inverse order)
 
 
-def product_plan(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int, n_pos: int) -> ProductPlan:
+def product_plan(
+    rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int, n_pos: int, unit_major: bool = True
+) -> ProductPlan:
     """Choose the path of :func:`gather_products` for the pairs (rows[k], cols[k]) of ``n_rows`` x ``n_cols``
-    products over ``n_pos`` positions, and do its index work."""
+    products over ``n_pos`` positions, and do its index work. ``unit_major``: the signals have unit stride
+    along the positions (convolutions; a Linear's signals from one backward pass per objective, see
+    :func:`layer_signals`), so the row-wise products read them without a copy, over any number of positions."""
     distinct_rows, row_pos = torch.unique(rows, return_inverse=True)
     distinct_cols, col_pos = torch.unique(cols, return_inverse=True)
     n_r, n_c, k = len(distinct_rows), len(distinct_cols), len(rows)
@@ -430,7 +437,7 @@ def product_plan(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: in
     if 2 * n_c > n_cols:
         distinct_cols, col_pos, n_c = torch.arange(n_cols, device=cols.device), cols, n_cols
     if n_r * n_c <= _BLOCK_RATIO * k and (
-        rowwise is None or n_pos > _FEW_POSITIONS or n_r * n_c <= _ROWWISE_RATIO * rowwise.size
+        rowwise is None or (n_pos > _FEW_POSITIONS and not unit_major) or n_r * n_c <= _ROWWISE_RATIO * rowwise.size
     ):
         block_rows, block_cols = _subset(distinct_rows, n_rows), _subset(distinct_cols, n_cols)
         flat = _subset(row_pos * n_c + col_pos, n_r * n_c)
@@ -504,9 +511,7 @@ def _normalised(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return nn.functional.rms_norm(a, m.normalized_shape, None, m.eps)
 
 
-def _norm_entries(
-    layer: SignalLayer, a: torch.Tensor, g: torch.Tensor, memo: dict | None = None
-) -> dict[str, torch.Tensor]:
+def _norm_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Normalisation layers: d weight = sum of g * a_hat and d bias = sum of g over every output position
     that shares the parameter (spatial positions for channel norms; leading dimensions for LayerNorm).
     BatchNorm in eval mode, a_hat = (a - mean) / sqrt(var + eps) with the running statistics: d weight =
@@ -520,13 +525,11 @@ def _norm_entries(
             gw = _take(g2, 2, _kept_positions(layer, "weight", g2.shape[2]))
             wanted = _wanted_units(layer, "weight", a.shape[1])
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                a_w = _memo(memo, "a", lambda: _take(a, 1, wanted).reshape(b, 1, len(layer.weight), -1))
+                a_w = _take(a, 1, wanted).reshape(b, 1, len(layer.weight), -1)
                 sums = (gw * a_w).sum(3) - _take(m.running_mean, 0, wanted) * gw.sum(3)
                 out["weight"] = sums / torch.sqrt(_take(m.running_var, 0, wanted) + m.eps)
             else:
-                a_hat = _memo(
-                    memo, "a_hat", lambda: _take(_normalised(m, a), 1, wanted).reshape(b, 1, len(layer.weight), -1)
-                )
+                a_hat = _take(_normalised(m, a), 1, wanted).reshape(b, 1, len(layer.weight), -1)
                 out["weight"] = (gw * a_hat).sum(3)
         if layer.bias is not None:
             out["bias"] = _take(g2, 2, _kept_positions(layer, "bias", g2.shape[2])).sum(3)
@@ -536,7 +539,7 @@ def _norm_entries(
     g2 = g.reshape(b, c, -1, n_kept)  # (B, C, leading positions, parameter entries kept)
     if layer.weight is not None:
         wanted = _wanted_units(layer, "weight", n_param)
-        a_hat = _memo(memo, "a_hat", lambda: _take(_normalised(m, a).reshape(b, 1, -1, n_param), 3, wanted))
+        a_hat = _take(_normalised(m, a).reshape(b, 1, -1, n_param), 3, wanted)
         out["weight"] = (_take(g2, 3, _kept_positions(layer, "weight", n_kept)) * a_hat).sum(2)
     if layer.bias is not None:
         out["bias"] = _take(g2, 3, _kept_positions(layer, "bias", n_kept)).sum(2)
@@ -670,9 +673,7 @@ def _conv_plan(layer: SignalLayer, kk: int, n_pos: int, n_kept: int) -> dict:
     return {"path": "products", "channels": _subset(channels, m.in_channels), "plan": plan}
 
 
-def _conv_entries(
-    layer: SignalLayer, a: torch.Tensor, g: torch.Tensor, memo: dict | None = None
-) -> dict[str, torch.Tensor]:
+def _conv_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Convolutions: d weight[o, j, k] = sum over output positions of g_o times the input patch entry it
     multiplies, by :func:`conv_weight_grads` on the block of wanted rows and read input channels, or by
     :func:`gather_products` with the unfolded input (input channels read only) when the wanted entries fill
@@ -682,19 +683,19 @@ def _conv_entries(
     b, c = g.shape[:2]
     out: dict[str, torch.Tensor] = {}
     if layer.weight is not None:
-        a2, geom = _memo(memo, "a2", lambda: _conv_as_2d(m, a))
+        a2, geom = _conv_as_2d(m, a)
         g2 = _signals_2d(g)
         kk = geom["kernel"][0] * geom["kernel"][1]
         n_pos = int(np.prod(g2.shape[3:]))
         plan = _cached(layer, ("conv", kk, n_pos, g2.shape[2]), lambda: _conv_plan(layer, kk, n_pos, g2.shape[2]))
-        a2 = _memo(memo, "a2 read", lambda: _take(a2, 1, plan["channels"]))
+        a2 = _take(a2, 1, plan["channels"])
         if plan["path"] == "conv":
             g2 = _take(g2, 2, plan["rows"])
             full = conv_weight_grads(geom, m.groups, a2, g2).reshape(b, c, -1)
             out["weight"] = _take(full, 2, plan["flat"])
         else:
             pp = plan["plan"]
-            u = _memo(memo, "u", lambda: _unfold(a2, geom))
+            u = _unfold(a2, geom)
             out["weight"] = gather_products(g2.reshape(b, c, g2.shape[2], -1), u, pp.rows, pp.cols, pp)
     if layer.bias is not None:
         out["bias"] = _take(g.reshape(b, c, g.shape[2], -1), 2, _kept_positions(layer, "bias", g.shape[2])).sum(3)
@@ -774,9 +775,7 @@ def _token_weights(m: nn.Embedding, idx: torch.Tensor, dtype: torch.dtype) -> to
     return w
 
 
-def _embedding_entries(
-    layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor, memo: dict | None = None
-) -> dict[str, torch.Tensor]:
+def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Embedding y_t = W[i_t]: d W[v, j] = sum over tokens t with i_t = v of g_t[j] (times the token factors).
     Each token whose row v holds wanted entries adds its signal's wanted columns to those entries: one gather
     and one scatter-add over the (token, wanted entry of its row) pairs, nothing per vocabulary row."""
@@ -810,7 +809,7 @@ def _embedding_entries(
         factor = _token_weights(m, tokens, g.dtype)[sample, position][token] if m.scale_grad_by_freq else None
         return read, sample[token] * k + entry, factor
 
-    read, write, factor = _memo(memo, "pairs", pairs)
+    read, write, factor = pairs()
     # gather from the objective-major layout (C, B * T * columns), as the vectorised backward leaves the signals:
     # one contiguous gather per objective, not an advanced index with a slice in the middle
     values = g2.transpose(0, 1).reshape(c, -1).index_select(1, read)  # (C, pairs)
@@ -849,32 +848,29 @@ def per_sample_block(layer: SignalLayer) -> int:
 
 
 # -- dispatch ----------------------------------------------------------------------------------------------------
-def layer_entries(
-    layer: SignalLayer, a: torch.Tensor, g: torch.Tensor, memo: dict | None = None
-) -> dict[str, torch.Tensor]:
+def layer_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Wanted entries (B, C, k) of d objective / d weight and d bias, from the layer's input ``a`` (B, *in)
     and the signals ``g`` = d objective_c / d output (B, C, *out), C objectives, holding only the layer's
-    ``units`` if it has them (as :func:`layer_signals` gives them). ``memo``: a dict kept for one chunk (one
-    ``a``) and layer, when the caller forms the objectives' entries a few at a time (:func:`layer_signal_stream`),
-    so that work on the input (unfolding, normalising, token pairs) is done once per chunk."""
+    ``units`` if it has them (as :func:`layer_signals` gives them)."""
     m = layer.module
     if isinstance(m, _CONV):
-        return _conv_entries(layer, a, g, memo)
+        return _conv_entries(layer, a, g)
     if isinstance(m, nn.Embedding):
-        return _embedding_entries(layer, a, g, memo)
+        return _embedding_entries(layer, a, g)
     if not isinstance(m, nn.Linear):
-        return _norm_entries(layer, a, g, memo)
+        return _norm_entries(layer, a, g)
     b, c = g.shape[:2]
     out: dict[str, torch.Tensor] = {}
     a2 = a.reshape(b, -1, m.in_features)  # (B, T, in): T > 1 when the layer maps over extra dimensions
     g2 = g.reshape(b, c, -1, g.shape[-1])  # (B, C, T, units kept)
     if layer.weight is not None:
+        unit_major = g2.shape[2] > 1 and g2.stride(2) == 1  # positions at unit stride (see _signal_buffer)
 
         def make() -> ProductPlan:
             rows = layer.unit_positions(layer.weight // m.in_features)
-            return product_plan(rows, layer.weight % m.in_features, g2.shape[3], m.in_features, g2.shape[2])
+            return product_plan(rows, layer.weight % m.in_features, g2.shape[3], m.in_features, g2.shape[2], unit_major)
 
-        plan = _cached(layer, ("linear", g2.shape[2], g2.shape[3]), make)
+        plan = _cached(layer, ("linear", g2.shape[2], g2.shape[3], unit_major), make)
         out["weight"] = gather_products(g2.transpose(2, 3), a2.transpose(1, 2), plan.rows, plan.cols, plan)
     if layer.bias is not None:
         out["bias"] = _take(g2, 3, _kept_positions(layer, "bias", g2.shape[3])).sum(2)
