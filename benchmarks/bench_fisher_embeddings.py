@@ -23,7 +23,7 @@ files in /usr/share/datasets/fashion-mnist; random uint8 images if absent), the 
 ``floor`` = one forward and C - 1 batched backward passes per chunk, gradients w.r.t. the masked layers' outputs
 only, nothing else: the least any exact batched method must do (C - 1, not C: sum_c p_c d log p_c = 0, so
 the last class's gradients follow from the others'), so ``loop / floor`` bounds the possible speedup. The
-signal method runs C passes, one per class.
+signal method runs C - 1 passes too (for each sample, every class but its most probable one).
 ``forward`` = one forward pass (logits and the classifier's input) over the same pool, the unit of ``x forward``.
 Times are CPU seconds of this process (``time.process_time``; one thread, so robust to other load).
 """

@@ -14,7 +14,8 @@ jobs share the CPU), all methods interleaved in one process and the whole set re
 - Fisher embeddings (``masked_fisher_embeddings``, layer signals) on a mask of the whole classifier weight and
   a random ``--mask-pct`` of every other tensor, vs the per-sample loop (one forward and C backward passes per
   sample, on ``--loop-n`` samples, scaled) and the floor: one forward and C backward passes per chunk to the
-  masked layers' outputs (what the signal method runs before its closed forms).
+  masked layers' outputs, as the issue defines it (the signal method runs C - 1 of them before its closed
+  forms: sum_c p_c d log p_c = 0 gives each sample's most probable class from the others).
 
 Chunks: 256 samples for the gradient norms and 32 for the Fisher embeddings by default, the largest the
 automatic choices take (``--chunk``, ``--fisher-chunk``; each floor runs at its method's chunk).

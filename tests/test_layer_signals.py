@@ -375,3 +375,80 @@ def test_conv1d_and_pointwise_fisher_entries_take_the_row_wise_products(monkeypa
     grads, _ = _loop_log_prob_grads(model, pool, idx)
     expected = torch.cat([grads[n][:, :, i] for n, i in zip(params, indices, strict=True)], dim=2).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("vectorise", [True, False], ids=["vectorised", "one class at a time"])
+def test_fisher_embeddings_take_one_backward_pass_fewer_than_classes(vectorise, monkeypatch):
+    """C - 1 backward passes per chunk (one per class but each sample's most probable one, whose row follows
+    from sum_c p_c d log p_c = 0), and every class's row equal to the loop's, the reconstructed one included."""
+    import activelab.inference.fisher as fisher
+
+    model, pool = _model("tokens", torch.float64), _pool("tokens", 5, torch.float64)
+    idx = np.array([4, 1, 3, 0, 2])
+    params = dict(model.named_parameters())
+    mask = FisherMask(tuple(params), tuple(torch.arange(p.numel()) for p in params.values()), "fc.weight", False)
+    monkeypatch.setattr(fisher, "_vectorise_classes", lambda model, signal_bytes: vectorise)
+    passes = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: passes.append(1) or real(*a, **k))
+    got = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 2)]).numpy()
+    monkeypatch.setattr(torch.autograd, "grad", real)
+    assert len(passes) == 3 * (1 if vectorise else 4 - 1)  # 3 chunks; C = 4
+    grads, probs = _loop_log_prob_grads(model, pool, idx)
+    expected = torch.cat([grads[n] for n in params], dim=2).numpy()
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * scale)
+    top = probs.argmax(dim=1).numpy()  # the rows no pass computed are right too, and not all zero
+    assert all(np.abs(got[i, top[i]]).max() > 1e-3 * scale for i in range(len(idx)))
+
+
+class PositionNet(nn.Module):
+    """Pixel tokens plus a position embedding (the same tokens 0..T-1 in every chunk), a Linear per token."""
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(8, 4)
+        self.pos = nn.Embedding(6, 4)
+        self.h = nn.Linear(4, 5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = ((x[:, 0, 0, :6] + 1.5) * 8 / 3).long().clamp(0, 7)
+        h = self.tok(tokens) + self.pos(torch.arange(6).expand_as(tokens))
+        return self.fc(torch.relu(self.h(h)).mean(dim=1))
+
+
+@pytest.mark.parametrize("vectorise", [True, False], ids=["vectorised", "one class at a time"])
+def test_position_embedding_entries_over_chunks_with_the_same_tokens(vectorise, monkeypatch):
+    """A position embedding sees the same tokens in every chunk (its token pairs are kept from chunk to chunk
+    while they are), the last chunk smaller: every entry equal to the loop's."""
+    import activelab.inference.fisher as fisher
+
+    torch.manual_seed(0)
+    model = PositionNet().double().eval()
+    pool = _pool("tokens", 7, torch.float64)
+    idx = np.array([6, 0, 5, 1, 4, 2, 3])
+    params = dict(model.named_parameters())
+    rng = np.random.default_rng(0)
+    indices = tuple(
+        torch.as_tensor(np.sort(rng.choice(p.numel(), max(1, p.numel() // 2), replace=False))) for p in params.values()
+    )
+    mask = FisherMask(tuple(params), indices, "fc.weight", False)
+    monkeypatch.setattr(fisher, "_vectorise_classes", lambda model, signal_bytes: vectorise)
+    got = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 3)]).numpy()
+    grads, _ = _loop_log_prob_grads(model, pool, idx)
+    expected = torch.cat([grads[n][:, :, i] for n, i in zip(params, indices, strict=True)], dim=2).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
+def test_a_single_output_has_zero_fisher_embeddings():
+    """log p(c|x) = 0 for a model with one output: every embedding is zero, without a backward pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 4), nn.ReLU(), nn.Linear(4, 1)).eval()
+    pool = _pool("tokens", 3, torch.float32)
+    params = dict(model.named_parameters())
+    mask = FisherMask(tuple(params), tuple(torch.arange(p.numel()) for p in params.values()), "3.weight", False)
+    got = masked_fisher_embeddings(model, pool, np.arange(3), mask)
+    assert got.shape == (3, 1, mask.size) and not got.any()

@@ -243,10 +243,11 @@ def layer_signals(
     per-objective loop's passes cost, where the vectorised pass is slower: modules whose backward PyTorch
     runs once per objective under vmap (normalisation layers), or signals too big for the cache.
     ``buffers``: a dict the caller keeps across chunks, holding those tensors for reuse (a fresh tensor of
-    several MiB per chunk costs its page faults again). Returns (output detached, {name: signals (B,
-    n_objectives, *out)}, {name: input (B, *in)}), where a layer with ``units`` keeps only those units' signals
-    (along its ``unit_dim``); the signals are a strided view, valid until the next call with the same
-    ``buffers``.
+    several MiB per chunk costs its page faults again). An Embedding's closed form reads few of its signals, so
+    its passes' signals are not copied: it gets the tuple of the n_objectives tensors (B, *out) themselves.
+    Returns (output detached, {name: signals (B, n_objectives, *out), or that tuple}, {name: input (B, *in)}),
+    where a layer with ``units`` keeps only those units' signals (along its ``unit_dim``); the signals are a
+    strided view, valid until the next call with the same ``buffers``.
     """
     out, targets, inputs, saved = _forward_with_signal_hooks(model, layers, x, objectives)
     if not layers:
@@ -272,6 +273,7 @@ def layer_signals(
             signals[layer.name] = g.transpose(0, 1)  # (B, n_objectives, *out), a view
         return out.detach(), signals, saved
     stacked: dict[str, torch.Tensor] = {}
+    kept: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers if isinstance(layer.module, nn.Embedding)}
     for i, t in enumerate(targets):
         grads = torch.autograd.grad(t, inputs, retain_graph=i < n - 1, allow_unused=True, materialize_grads=True)
         for layer, g in zip(layers, grads, strict=True):
@@ -279,6 +281,9 @@ def layer_signals(
                 g = g.index_select(layer.unit_dim % g.dim(), layer.units)
             if n == 1:  # one objective: a view, not a copy
                 stacked[layer.name] = g.unsqueeze(0)
+                continue
+            if layer.name in kept:
+                kept[layer.name].append(g)
                 continue
             if i == 0:
                 held = None if buffers is None else buffers.get(layer.name)
@@ -288,7 +293,9 @@ def layer_signals(
                         buffers[layer.name] = held
                 stacked[layer.name] = held
             stacked[layer.name][i] = g
-    return out.detach(), {name: v.transpose(0, 1) for name, v in stacked.items()}, saved
+    signals = {name: v.transpose(0, 1) for name, v in stacked.items()}
+    signals.update({name: tuple(v) for name, v in kept.items() if v})
+    return out.detach(), signals, saved
 
 
 def _signal_buffer(layer: SignalLayer, n: int, g: torch.Tensor) -> torch.Tensor:
@@ -775,47 +782,56 @@ def _token_weights(m: nn.Embedding, idx: torch.Tensor, dtype: torch.dtype) -> to
     return w
 
 
-def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def _embedding_entries(
+    layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor | tuple[torch.Tensor, ...]
+) -> dict[str, torch.Tensor]:
     """Embedding y_t = W[i_t]: d W[v, j] = sum over tokens t with i_t = v of g_t[j] (times the token factors).
     Each token whose row v holds wanted entries adds its signal's wanted columns to those entries: one gather
-    and one scatter-add over the (token, wanted entry of its row) pairs, nothing per vocabulary row."""
+    and one scatter-add over the (token, wanted entry of its row) pairs, nothing per vocabulary row. ``g``: the
+    signals (B, C, *out), or a tuple of C tensors (B, *out), one per objective (see :func:`layer_signals`)."""
     m = layer.module
-    b, c = g.shape[:2]
+    b = idx.shape[0]
+    c = len(g) if isinstance(g, tuple) else g.shape[1]
     k = len(layer.weight)
     tokens = idx.reshape(b, -1)  # (B, T)
-    g2 = g.reshape(b, c, tokens.shape[1], -1)  # (B, C, T, columns kept)
+    n_cols = (g[0] if isinstance(g, tuple) else g).shape[-1]
+    dtype = (g[0] if isinstance(g, tuple) else g).dtype
 
     def make() -> tuple[torch.Tensor, ...]:
         # wanted entries are sorted by flat index, so grouped by row: row r's entries are starts[r] .. + counts[r]
         vocab_rows, counts = torch.unique_consecutive(layer.weight // m.embedding_dim, return_counts=True)
         cols = layer.unit_positions(layer.weight % m.embedding_dim)
-        return vocab_rows, counts, torch.cumsum(counts, 0) - counts, cols
-
-    vocab_rows, counts, starts, cols = _cached(layer, ("embedding",), make)
-
-    def pairs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(where each pair reads the signals, where it adds to the output, its token factor or None)."""
-        where = torch.searchsorted(vocab_rows, tokens.contiguous()).clamp_max(len(vocab_rows) - 1)
-        hit = vocab_rows[where] == tokens
+        row_of = torch.full((m.num_embeddings,), -1, dtype=torch.int64, device=vocab_rows.device)
+        row_of[vocab_rows] = torch.arange(len(vocab_rows), device=vocab_rows.device)
         if m.padding_idx is not None:  # that row's gradient is zero
-            hit &= tokens != m.padding_idx
-        sample, position = hit.nonzero(as_tuple=True)  # the tokens whose row has wanted entries
-        rows = where[sample, position]
-        per_token = counts[rows]
-        token = torch.repeat_interleave(torch.arange(len(rows), device=g.device), per_token)  # one per pair
-        first = torch.repeat_interleave(torch.cumsum(per_token, 0) - per_token, per_token)
-        entry = starts[rows][token] + torch.arange(len(token), device=g.device) - first  # the pair's wanted entry
-        read = (sample[token] * tokens.shape[1] + position[token]) * g2.shape[3] + cols[entry]
-        factor = _token_weights(m, tokens, g.dtype)[sample, position][token] if m.scale_grad_by_freq else None
-        return read, sample[token] * k + entry, factor
+            row_of[m.padding_idx] = -1
+        return row_of, counts, torch.cumsum(counts, 0) - counts, cols
 
-    read, write, factor = pairs()
-    # gather from the objective-major layout (C, B * T * columns), as the vectorised backward leaves the signals:
-    # one contiguous gather per objective, not an advanced index with a slice in the middle
-    values = g2.transpose(0, 1).reshape(c, -1).index_select(1, read)  # (C, pairs)
+    row_of, counts, starts, cols = _cached(layer, ("embedding",), make)
+    held = layer.plans.get("embedding pairs")
+    if held is not None and held[0].shape == tokens.shape and torch.equal(held[0], tokens):
+        read, write, factor = held[1:]  # the same tokens as the last chunk (a position embedding)
+    else:
+        rows = row_of[tokens]  # (B, T): the token's place among the rows with wanted entries, -1 if none
+        sample, position = (rows >= 0).nonzero(as_tuple=True)  # the tokens whose row has wanted entries
+        rows = rows[sample, position]
+        per_token = counts[rows]
+        token = torch.repeat_interleave(per_token)  # one per (token, wanted entry of its row) pair
+        entry = starts[rows][token] + torch.arange(len(token), device=idx.device)
+        entry -= (torch.cumsum(per_token, 0) - per_token)[token]  # the pair's wanted entry
+        read = (sample[token] * tokens.shape[1] + position[token]) * n_cols + cols[entry]
+        write = sample[token] * k + entry
+        factor = _token_weights(m, tokens, dtype)[sample, position][token] if m.scale_grad_by_freq else None
+        layer.plans["embedding pairs"] = (tokens.clone(), read, write, factor)
+    if isinstance(g, tuple):  # one gather per objective's signals
+        values = torch.stack([gc.reshape(-1).index_select(0, read) for gc in g])  # (C, pairs)
+    else:
+        # from the objective-major layout (C, B * T * columns), as the vectorised backward leaves the signals:
+        # one contiguous gather per objective, not an advanced index with a slice in the middle
+        values = g.reshape(b, c, -1).transpose(0, 1).reshape(c, -1).index_select(1, read)
     if factor is not None:
         values = values * factor
-    out = g.new_zeros(c, b * k).index_add_(1, write, values)
+    out = values.new_zeros(c, b * k).index_add_(1, write, values)
     return {"weight": out.view(c, b, k).transpose(0, 1)}
 
 
