@@ -259,8 +259,8 @@ def _other_class_objectives(kept: dict[str, torch.Tensor]) -> Callable[[torch.Te
         lp = torch.log_softmax(_at_least_float32(logits), dim=-1)
         b, c = lp.shape
         top = lp.detach().argmax(dim=1)
-        classes = torch.arange(c, device=lp.device).expand(b, c)
-        others = classes[classes != top.unsqueeze(1)].view(b, c - 1)
+        below = torch.arange(c - 1, device=lp.device).expand(b, c - 1)
+        others = below + (below >= top.unsqueeze(1))  # 0..C-1 without top, in order
         kept.update(lp=lp.detach(), top=top, others=others)
         return list(lp.gather(1, others).sum(dim=0))  # one sum and an unbind: a few autograd nodes, not 2C
 
