@@ -362,8 +362,9 @@ def iter_masked_fisher_embeddings(
     authors' rows, kept to reproduce them).
 
     ``method="signals"`` (default): per-sample, per-class gradients of log p with respect to each masked layer's
-    *output* (one batched backward pass per class w.r.t. a zero tensor a hook adds to the output; samples do not
-    interact in eval mode, so the gradient of the batch sum at a sample is its own), and the layer's input; the
+    *output* (batched backward passes w.r.t. a zero tensor a hook adds to the output; samples do not interact in
+    eval mode, so the gradient of the batch sum at a sample is its own: C - 1 passes, one per class but each
+    sample's most probable one, whose row follows from sum_c p(c|x) d log p(c|x) = 0), and the layer's input; the
     masked weight entries are then products of the two (Linear: g_o a_j; convolutions: sum over positions of g_o
     times the input patch; normalisation layers: sum of g times the normalised input; Embedding: sum of g over
     the tokens of that row; see :mod:`activelab.inference.signals`), so neither weight

@@ -27,7 +27,8 @@ rows padded to the longest), by one batched product per sample and row over that
 (:func:`rowwise_products`), or entry by entry. That index work depends on the wanted entries and the shapes
 only, so it is done on a layer's first chunk and kept (:attr:`SignalLayer.plans`).
 
-Used by :mod:`activelab.inference.fisher` (masked Fisher embeddings: C objectives, log p(c|x) for each class)
+Used by :mod:`activelab.inference.fisher` (masked Fisher embeddings: C - 1 objectives, log p(c|x) for each
+class but the sample's most probable one)
 and :mod:`activelab.inference.gradients` (entropy gradient norms: one objective, the entropy).
 
 Layers of other types, or called more than once per forward pass, are not handled here: callers plan with
