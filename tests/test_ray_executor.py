@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -85,15 +86,31 @@ def _job_worker_pids() -> list[int]:
     return pids
 
 
+def _rounds_by_strategy(exp: Path) -> dict[str, int]:
+    try:
+        with sqlite3.connect(exp / "results.sqlite", timeout=30) as c:
+            return dict(c.execute("SELECT strategy, COUNT(*) FROM rounds GROUP BY strategy").fetchall())
+    except sqlite3.OperationalError:
+        return {}
+
+
 def _kill_a_worker_after(exp: Path, rounds: int, deadline_s: float = 60) -> int:
-    """Wait until ``rounds`` rounds are committed, then SIGKILL one worker that runs a job; return its pid."""
+    """Wait until ``rounds`` rounds are committed, then SIGKILL one worker that runs a job; return its pid.
+    Only while every live job worker runs an unfinished job: a worker whose job committed its last round may
+    still be returning, and its pid cannot be told apart from the others (on a loaded machine one job can run
+    a round or more ahead of the other)."""
     deadline = time.time() + deadline_s
+    per_job = ROUNDS // len(SMALL["strategies"])
     while time.time() < deadline:
         pids = _job_worker_pids()
-        if pids and _rounds_done(exp) >= rounds:
+        done = _rounds_by_strategy(exp)
+        unfinished = [s["name"] for s in SMALL["strategies"] if done.get(s["name"], 0) < per_job]
+        if pids and sum(done.values()) >= rounds and len(pids) == len(unfinished):
             os.kill(pids[0], signal.SIGKILL)
             return pids[0]
-        time.sleep(0.05)
+        if not unfinished:
+            raise AssertionError(f"every job finished before a worker could be killed mid-job: {done}")
+        time.sleep(0.02)
     raise AssertionError(f"no job worker to kill after {rounds} rounds of {exp}")
 
 
