@@ -452,3 +452,61 @@ def test_a_single_output_has_zero_fisher_embeddings():
     mask = FisherMask(tuple(params), tuple(torch.arange(p.numel()) for p in params.values()), "3.weight", False)
     got = masked_fisher_embeddings(model, pool, np.arange(3), mask)
     assert got.shape == (3, 1, mask.size) and not got.any()
+
+
+class TwiceNet(nn.Module):
+    """A Linear called twice (its tensors go to the Jacobian fallback) between signal layers."""
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(256, 6)
+        self.twice = nn.Linear(6, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x.flatten(1)))
+        return self.fc(torch.tanh(self.twice(torch.tanh(self.twice(h)))))
+
+
+@pytest.mark.parametrize("model_kind", ["root", "fallback"])
+def test_fisher_embeddings_of_a_bare_module_and_of_fallback_tensors_stay_float64(model_kind):
+    """A bare nn.Linear as the model (its parameters are named "weight" and "bias"), and tensors differentiated
+    by the Jacobian fallback next to signal layers: float64 chunks equal the loop to 1e-10 (the fallback's
+    log-softmax used to run in float32)."""
+    torch.manual_seed(0)
+    if model_kind == "root":
+        model = nn.Linear(5, 3).double().eval()
+        pool = torch.utils.data.TensorDataset(torch.randn(4, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.long))
+    else:
+        model = TwiceNet().double().eval()
+        pool = _pool("tokens", 4, torch.float64)
+    idx = np.array([3, 0, 2, 1])
+    params = dict(model.named_parameters())
+    mask = FisherMask(tuple(params), tuple(torch.arange(p.numel()) for p in params.values()), "fc.weight", False)
+    got = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 3)]).numpy()
+    grads, _ = _loop_log_prob_grads(model, pool, idx)
+    expected = torch.cat([grads[n] for n in params], dim=2).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
+def test_per_objective_embedding_signals_give_squared_norms_too():
+    """With several objectives one pass each, an Embedding's signals come as a tuple of tensors; its squared
+    norms from them equal those from the stacked (vectorised) signals."""
+    from activelab.inference.signals import layer_signals, layer_squared_norms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3)).double().eval()
+    x = torch.randint(0, 10, (5, 3))
+    layers, _ = plan_signal_layers(model, {"0.weight": torch.arange(40)}, x[:2])
+
+    def objectives(out):
+        return list(torch.log_softmax(out, -1)[:, :2].sum(0))
+
+    norms = {}
+    for vectorise in (True, False):
+        _, sig, saved = layer_signals(model, layers, x, objectives, vectorise)
+        assert isinstance(sig["0"], tuple) == (not vectorise)
+        norms[vectorise] = layer_squared_norms(layers[0], saved["0"], sig["0"])["weight"]
+    torch.testing.assert_close(norms[False], norms[True], rtol=1e-12, atol=0)

@@ -107,7 +107,7 @@ def _jacobian_fn(model: nn.Module, names: Sequence[str]):
 
     def log_probs(w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = functional_call(model, {**const, **w}, (x.unsqueeze(0),))
-        lp = torch.log_softmax(out.float(), dim=-1).squeeze(0)
+        lp = torch.log_softmax(_at_least_float32(out), dim=-1).squeeze(0)
         return lp, lp.detach()
 
     # Nested vmaps (classes inside samples) give silently wrong Jacobians through nn.PReLU when a chunk holds
@@ -323,10 +323,12 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
                 parts = {}
                 for layer in layers:
                     for attr, val in layer_entries(layer, saved[layer.name], signals[layer.name]).items():
-                        parts[f"{layer.name}.{attr}"] = val
+                        parts[layer.param_name(attr)] = val
                 signal_names = [n for n in mask.names if n in parts]
                 sizes = [parts[n].shape[2] for n in signal_names]
-                dtype = torch.promote_types(parts[signal_names[0]].dtype, torch.float32)
+                dtype = torch.float32
+                for n in signal_names:  # a float64 head behind a float32 body stays float64
+                    dtype = torch.promote_types(dtype, parts[n].dtype)
                 v = torch.empty(x.shape[0], num_classes, sum(sizes), dtype=dtype, device=device)
                 torch.cat([parts[n] for n in signal_names], dim=2, out=v[:, : num_classes - 1])
                 v = _with_top_class(v, kept["lp"].exp(), kept["top"], kept["others"])

@@ -168,7 +168,7 @@ def _signal_norms(model, dataset, indices, names, layers, norm, chunk_size) -> n
         squared: dict[str, torch.Tensor] = {}
         for layer in layers:
             for attr, sq in layer_squared_norms(layer, saved[layer.name], signals[layer.name]).items():
-                squared[f"{layer.name}.{attr}"] = sq[:, 0]
+                squared[layer.param_name(attr)] = sq[:, 0]
         del signals, saved
         per_tensor = torch.stack([squared[n].double().clamp_min(0).sqrt() for n in names], dim=1)
         scores.append(reduce_norms(per_tensor, norm).cpu())

@@ -22,8 +22,9 @@ autograd (only the signals are asked for), and per-sample gradients are formed l
 When only some entries of a layer are wanted (a Fisher mask), only the signals of the output units (channels
 or features) those entries belong to are kept (when that is at most half of them), a convolution's input is
 used only for the input channels they read, and the products are formed on the block of wanted rows x
-columns, or, when that block would be much bigger than the wanted set (or, over few positions, than the wanted
-rows padded to the longest), by one batched product per sample and row over that row's wanted columns
+columns, or, when that block would be much bigger than the wanted set (or than the wanted rows padded to the
+longest, where the signals have unit stride along the positions or the positions are few), by one batched
+product per sample and row over that row's wanted columns
 (:func:`rowwise_products`), or entry by entry. That index work depends on the wanted entries and the shapes
 only, so it is done on a layer's first chunk and kept (:attr:`SignalLayer.plans`).
 
@@ -58,6 +59,8 @@ LOOPED_UNDER_VMAP = (
     nn.GroupNorm,
     nn.LayerNorm,
 )
+#: A layer's signals for C objectives: (B, C, *out), or for an Embedding a tuple of C tensors (B, *out).
+Signals = torch.Tensor | tuple[torch.Tensor, ...]
 #: Normalisation layers y = a_hat * weight + bias whose parameters are per channel (dimension 1 of the output).
 _CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 #: Normalisation layers whose parameters run over the trailing ``normalized_shape`` dimensions.
@@ -82,6 +85,10 @@ class SignalLayer:
         """The dimension of the module's output (batch first) that indexes its units: features for Linear,
         Embedding and LayerNorm (last), channels for convolutions, BatchNorm and GroupNorm (1)."""
         return 1 if isinstance(self.module, _CONV + _CHANNEL_NORMS) else -1
+
+    def param_name(self, attr: str) -> str:
+        """The model's name of this layer's parameter ``attr`` ("weight" or "bias"; the root module's: bare)."""
+        return f"{self.name}.{attr}" if self.name else attr
 
     def unit_positions(self, units: torch.Tensor) -> torch.Tensor:
         """Where the given output units sit among the signals :func:`layer_signals` keeps for this layer."""
@@ -184,7 +191,7 @@ def plan_signal_layers(
     for n, layer in layers.items():
         # a module called twice or never, or whose output is not batch-first: differentiate its parameters
         if len(calls[n]) != 1 or not calls[n][0] or calls[n][0][0] != probe.shape[0]:
-            fallback += [f"{n}.{a}" for a in ("weight", "bias") if getattr(layer, a) is not None]
+            fallback += [layer.param_name(a) for a in ("weight", "bias") if getattr(layer, a) is not None]
             continue
         layer.out_shape = calls[n][0]
         layer.units = _needed_units(layer.module, layer.weight, layer.bias)
@@ -231,7 +238,7 @@ def layer_signals(
     objectives: Callable[[torch.Tensor], Sequence[torch.Tensor]],
     vectorise: bool = True,
     buffers: dict[str, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, Signals], dict[str, torch.Tensor]]:
     """One forward pass over the batch with a hook adding a zero tensor (requiring grad) to each signal layer's
     output and saving its input, then the gradients of each objective w.r.t. those zeros.
 
@@ -245,7 +252,8 @@ def layer_signals(
     runs once per objective under vmap (normalisation layers), or signals too big for the cache.
     ``buffers``: a dict the caller keeps across chunks, holding those tensors for reuse (a fresh tensor of
     several MiB per chunk costs its page faults again). An Embedding's closed form reads few of its signals, so
-    its passes' signals are not copied: it gets the tuple of the n_objectives tensors (B, *out) themselves.
+    with more than one objective its passes' signals are not copied: it gets the tuple of the n_objectives
+    tensors (B, *out) themselves (:func:`layer_entries` and :func:`layer_squared_norms` take either form).
     Returns (output detached, {name: signals (B, n_objectives, *out), or that tuple}, {name: input (B, *in)}),
     where a layer with ``units`` keeps only those units' signals (along its ``unit_dim``); the signals are a
     strided view, valid until the next call with the same ``buffers``.
@@ -470,8 +478,9 @@ def gather_products(
     """out[b, c, k] = sum_l g[b, c, rows[k], l] * u[b, cols[k], l].
 
     When the block spanned by the wanted (row, col) pairs' distinct rows and distinct columns is at most
-    ``_BLOCK_RATIO`` times their number and (over few positions) at most ``_ROWWISE_RATIO`` times the padded
-    row-wise products, every product of that block is formed by one batched matrix product (an outer product for
+    ``_BLOCK_RATIO`` times their number and (with signals at unit stride along the positions, or over few
+    positions; see :func:`product_plan`) at most ``_ROWWISE_RATIO`` times the padded row-wise products, every
+    product of that block is formed by one batched matrix product (an outer product for
     l = 1, e.g. a linear layer) and the wanted entries are gathered from it. Otherwise, for l > 1, the padded
     row-wise products (:func:`rowwise_products`) unless padding would cost more than ``_PAD_RATIO`` times the
     entries; then sparse sets are gathered and multiplied elementwise when l is small (l = 1, or a Linear mapped
@@ -479,7 +488,7 @@ def gather_products(
     :func:`product_plan` of these pairs and shapes, when the caller keeps it (it is made here otherwise)."""
     b, c, n_rows, n_pos = g.shape
     if plan is None:
-        plan = product_plan(rows, cols, n_rows, u.shape[1], n_pos)
+        plan = product_plan(rows, cols, n_rows, u.shape[1], n_pos, unit_major=n_pos > 1 and g.stride(3) == 1)
     if plan.path == "block":
         gs, us = _take(g, 2, plan.block_rows), _take(u, 1, plan.block_cols)
         n_r, n_c = gs.shape[2], us.shape[1]
@@ -785,9 +794,7 @@ def _token_weights(m: nn.Embedding, idx: torch.Tensor, dtype: torch.dtype) -> to
     return w
 
 
-def _embedding_entries(
-    layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor | tuple[torch.Tensor, ...]
-) -> dict[str, torch.Tensor]:
+def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: Signals) -> dict[str, torch.Tensor]:
     """Embedding y_t = W[i_t]: d W[v, j] = sum over tokens t with i_t = v of g_t[j] (times the token factors).
     Each token whose row v holds wanted entries adds its signal's wanted columns to those entries: one gather
     and one scatter-add over the (token, wanted entry of its row) pairs, nothing per vocabulary row. ``g``: the
@@ -838,9 +845,11 @@ def _embedding_entries(
     return {"weight": out.view(c, b, k).transpose(0, 1)}
 
 
-def _embedding_squared_norms(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def _embedding_squared_norms(layer: SignalLayer, idx: torch.Tensor, g: Signals) -> dict[str, torch.Tensor]:
     """||d W||^2 = sum over distinct tokens v of a sample of ||sum_{t: i_t = v} g_t||^2: the signals summed per
     (sample, token) pair (at most B x T rows, never the V x D gradient), squared, summed per sample."""
+    if isinstance(g, tuple):  # per-objective signals (see layer_signals)
+        g = torch.stack(g, dim=1)
     m = layer.module
     b, c = g.shape[:2]
     tokens = idx.reshape(b, -1)
@@ -867,10 +876,11 @@ def per_sample_block(layer: SignalLayer) -> int:
 
 
 # -- dispatch ----------------------------------------------------------------------------------------------------
-def layer_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def layer_entries(layer: SignalLayer, a: torch.Tensor, g: Signals) -> dict[str, torch.Tensor]:
     """Wanted entries (B, C, k) of d objective / d weight and d bias, from the layer's input ``a`` (B, *in)
     and the signals ``g`` = d objective_c / d output (B, C, *out), C objectives, holding only the layer's
-    ``units`` if it has them (as :func:`layer_signals` gives them)."""
+    ``units`` if it has them (as :func:`layer_signals` gives them: for an Embedding, possibly a tuple of C
+    tensors (B, *out))."""
     m = layer.module
     if isinstance(m, _CONV):
         return _conv_entries(layer, a, g)
@@ -896,7 +906,7 @@ def layer_entries(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[
     return out
 
 
-def layer_squared_norms(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def layer_squared_norms(layer: SignalLayer, a: torch.Tensor, g: Signals) -> dict[str, torch.Tensor]:
     """Squared L2 norms (B, C) of the *whole* per-sample gradients of the layer's weight and bias (those of its
     tensors that ``layer`` wants), without forming what a closed form avoids.
 
@@ -907,6 +917,8 @@ def layer_squared_norms(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) ->
     if layer.units is not None:
         raise ValueError(f"layer {layer.name!r} keeps only some units' signals; whole-gradient norms need all")
     m = layer.module
+    if isinstance(m, nn.Embedding):
+        return _embedding_squared_norms(layer, a, g)
     b, c = g.shape[:2]
     if isinstance(m, nn.Linear) and a.reshape(b, -1, m.in_features).shape[1] == 1:
         g2 = g.reshape(b, c, m.out_features)
@@ -918,6 +930,4 @@ def layer_squared_norms(layer: SignalLayer, a: torch.Tensor, g: torch.Tensor) ->
         return out
     if isinstance(m, _CONV):
         return _conv_squared_norms(layer, a, g)
-    if isinstance(m, nn.Embedding):
-        return _embedding_squared_norms(layer, a, g)
     return {attr: _sq_norm(v, 2) for attr, v in layer_entries(layer, a, g).items()}
