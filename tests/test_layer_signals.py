@@ -470,7 +470,7 @@ class TwiceNet(nn.Module):
         return self.fc(torch.tanh(self.twice(torch.tanh(self.twice(h)))))
 
 
-@pytest.mark.parametrize("model_kind", ["root", "fallback"])
+@pytest.mark.parametrize("model_kind", ["root", "fallback", "fallback only"])
 def test_fisher_embeddings_of_a_bare_module_and_of_fallback_tensors_stay_float64(model_kind):
     """A bare nn.Linear as the model (its parameters are named "weight" and "bias"), and tensors differentiated
     by the Jacobian fallback next to signal layers: float64 chunks equal the loop to 1e-10 (the fallback's
@@ -484,11 +484,15 @@ def test_fisher_embeddings_of_a_bare_module_and_of_fallback_tensors_stay_float64
         pool = _pool("tokens", 4, torch.float64)
     idx = np.array([3, 0, 2, 1])
     params = dict(model.named_parameters())
+    if model_kind == "fallback only":  # no signal layer at all: the probabilities come from the Jacobian pass
+        params = {n: p for n, p in params.items() if n.startswith("twice.")}
     mask = FisherMask(tuple(params), tuple(torch.arange(p.numel()) for p in params.values()), "fc.weight", False)
-    got = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 3)]).numpy()
-    grads, _ = _loop_log_prob_grads(model, pool, idx)
+    chunks = list(_iter_signal_embeddings(model, pool, idx, mask, 3))
+    grads, probs = _loop_log_prob_grads(model, pool, idx)
     expected = torch.cat([grads[n] for n in params], dim=2).numpy()
+    got = torch.cat([v for v, _ in chunks]).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+    np.testing.assert_allclose(torch.cat([p for _, p in chunks]).numpy(), probs.numpy(), rtol=1e-12)
 
 
 def test_per_objective_embedding_signals_give_squared_norms_too():

@@ -310,15 +310,15 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
         buffers: dict[str, torch.Tensor] = {}  # the per-class passes' signals, reused chunk after chunk
         for x, _ in iter_batches(dataset, indices, chunk_size):
             x = x.to(device)
-            blocks: dict[str, torch.Tensor] = {}
             if num_classes == 1:  # log p(c|x) = 0 for the only class: every gradient is zero
                 with torch.no_grad():
-                    lp = torch.log_softmax(_at_least_float32(model(x)), dim=-1)
-                yield lp.new_zeros(x.shape[0], 1, mask.size), lp.exp()
+                    p = torch.log_softmax(_at_least_float32(model(x)), dim=-1).exp()
+                yield p.new_zeros(x.shape[0], 1, mask.size), p
                 continue
-            kept: dict[str, torch.Tensor] = {}
-            objectives = _other_class_objectives(kept)
+            blocks: dict[str, torch.Tensor] = {}
             if layers:
+                kept: dict[str, torch.Tensor] = {}
+                objectives = _other_class_objectives(kept)
                 _, signals, saved = layer_signals(model, layers, x, objectives, vectorise, buffers)
                 parts = {}
                 for layer in layers:
@@ -331,21 +331,19 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
                     dtype = torch.promote_types(dtype, parts[n].dtype)
                 v = torch.empty(x.shape[0], num_classes, sum(sizes), dtype=dtype, device=device)
                 torch.cat([parts[n] for n in signal_names], dim=2, out=v[:, : num_classes - 1])
-                v = _with_top_class(v, kept["lp"].exp(), kept["top"], kept["others"])
+                p = kept["lp"].exp()
+                v = _with_top_class(v, p, kept["top"], kept["others"])
                 if not fallback:
-                    yield v, kept["lp"].exp()
+                    yield v, p
                     continue
                 blocks = dict(zip(signal_names, v.split(sizes, dim=2), strict=True))
-            else:
-                with torch.no_grad():
-                    objectives(model(x))
-            lp = kept["lp"]
-            if jac_fn is not None:
-                jac, _ = jac_fn(wrt, x)
-                for n, idx in zip(mask.names, mask.indices, strict=True):
-                    if n in jac:
-                        blocks[n] = jac[n].flatten(2)[:, :, idx.to(device)]
-            yield torch.cat([blocks[n] for n in mask.names], dim=2), lp.exp()
+            jac, lp = jac_fn(wrt, x)
+            if not layers:  # the Jacobian pass gives the probabilities too
+                p = lp.exp()
+            for n, idx in zip(mask.names, mask.indices, strict=True):
+                if n in jac:
+                    blocks[n] = jac[n].flatten(2)[:, :, idx.to(device)]
+            yield torch.cat([blocks[n] for n in mask.names], dim=2), p
 
 
 def iter_masked_fisher_embeddings(

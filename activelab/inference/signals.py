@@ -342,10 +342,7 @@ def _sq_norm(t: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
 
 def _take(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
     """``t.index_select(dim, idx)``, or ``t`` itself when ``idx`` is None or every index in order (no copy)."""
-    if idx is None:
-        return t
-    n = t.shape[dim]
-    if len(idx) == n and bool((idx == torch.arange(n, device=idx.device)).all()):
+    if idx is None or _subset(idx, t.shape[dim]) is None:
         return t
     return t.index_select(dim, idx)
 
