@@ -514,3 +514,82 @@ def test_per_objective_embedding_signals_give_squared_norms_too():
         assert isinstance(sig["0"], tuple) == (not vectorise)
         norms[vectorise] = layer_squared_norms(layers[0], saved["0"], sig["0"])["weight"]
     torch.testing.assert_close(norms[False], norms[True], rtol=1e-12, atol=0)
+
+
+class LinearTokensNet(nn.Module):
+    """Linear layers mapped over 6 tokens between LayerNorms (so the Fisher passes run one class at a time), with
+    an auxiliary Linear over the tokens whose output the classifier never reads."""
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 12)
+        self.ln = nn.LayerNorm(12)
+        self.bias_only = nn.Linear(12, 16)
+        self.diagonal = nn.Linear(16, 16)
+        self.sparse = nn.Linear(16, 40)
+        self.aux = nn.Linear(40, 3)
+        self.fc = nn.Linear(40, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.ln(self.a(x[:, 0, :6, :8])))  # (B, 6 tokens, 12)
+        h = torch.tanh(self.diagonal(torch.tanh(self.bias_only(h))))
+        h = torch.tanh(self.sparse(h))
+        self.aux(h)  # runs, never reaches the output: its entries are zero
+        return self.fc(h.mean(dim=1))
+
+
+def test_linear_over_tokens_forms_its_entries_pass_by_pass(monkeypatch):
+    """With one backward pass per class, a Linear over tokens forms its wanted entries in each pass from that
+    pass's signals (no copy of them), when its block of kept units x wanted columns is at most 12x its padded
+    row-wise products: a dense mask (a), a bias alone (bias_only), three entries on units and columns that are
+    gathered first (sparse), a layer no objective reaches (aux: zeros); a diagonal mask (block 16x its padded
+    rows) keeps the copied signals. Every entry equals the loop's in float64 and the vectorised method's."""
+    import activelab.inference.fisher as fisher
+    from activelab.inference.signals import FormedEntries
+
+    torch.manual_seed(0)
+    model = LinearTokensNet().double().eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(3)
+    pool = _pool("tokens", 5, torch.float64)
+    _assert_covered(model, pool)
+    i16 = torch.arange(16)
+    indices = {
+        "a.weight": torch.arange(96),
+        "a.bias": torch.tensor([0, 7]),
+        "bias_only.bias": torch.tensor([2, 3, 11]),
+        "diagonal.weight": i16 * 16 + i16,
+        "sparse.weight": torch.tensor([0 * 16 + 1, 5 * 16 + 4, 9 * 16 + 7]),
+        "sparse.bias": torch.tensor([5, 30]),
+        "aux.weight": torch.tensor([3, 50, 100]),
+        "fc.weight": torch.arange(160),
+    }
+    mask = FisherMask(tuple(indices), tuple(indices.values()), "fc.weight", False)
+    kinds: dict[str, set] = {}
+    real = fisher.layer_signals
+
+    def recording(*args):
+        out, signals, saved = real(*args)
+        for name, s in signals.items():
+            kinds.setdefault(name, set()).add(type(s).__name__)
+        return out, signals, saved
+
+    monkeypatch.setattr(fisher, "layer_signals", recording)
+    results = {}
+    idx = np.array([4, 1, 3, 0, 2])
+    for vectorise in (False, True):
+        monkeypatch.setattr(fisher, "_vectorise_classes", lambda model, signal_bytes, v=vectorise: v)
+        results[vectorise] = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 2)]).numpy()
+        if not vectorise:
+            formed = {name for name, k in kinds.items() if k == {FormedEntries.__name__}}
+            assert formed == {"a", "bias_only", "sparse", "aux"}
+            assert kinds["diagonal"] == {"Tensor"} and kinds["fc"] == {"Tensor"}
+    grads, _ = _loop_log_prob_grads(model, pool, idx)
+    expected = torch.cat([grads[n][:, :, i] for n, i in indices.items()], dim=2).numpy()
+    scale = np.abs(expected).max()
+    aux = slice(96 + 2 + 3 + 16 + 3 + 2, 96 + 2 + 3 + 16 + 3 + 2 + 3)
+    assert not expected[:, :, aux].any() and np.abs(expected[:, :, : aux.start]).max(axis=(0, 1)).min() > 0
+    np.testing.assert_allclose(results[False], expected, rtol=1e-10, atol=1e-10 * scale)
+    np.testing.assert_allclose(results[False], results[True], rtol=1e-12, atol=1e-12 * scale)

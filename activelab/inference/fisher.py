@@ -319,7 +319,7 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
             if layers:
                 kept: dict[str, torch.Tensor] = {}
                 objectives = _other_class_objectives(kept)
-                _, signals, saved = layer_signals(model, layers, x, objectives, vectorise, buffers)
+                _, signals, saved = layer_signals(model, layers, x, objectives, vectorise, buffers, True)
                 parts = {}
                 for layer in layers:
                     for attr, val in layer_entries(layer, saved[layer.name], signals[layer.name]).items():
