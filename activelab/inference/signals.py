@@ -301,11 +301,12 @@ def layer_signals(
         return out.detach(), signals, saved
     stacked: dict[str, torch.Tensor] = {}
     kept: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers if isinstance(layer.module, nn.Embedding)}
-    formed: dict[str, _PassEntries] = {}
+    formed: dict[str, _PassEntries | _PassEmbedding] = {}
     if entries_per_pass and n > 1:
         for layer, e in zip(layers, inputs, strict=True):
-            plan = _per_pass_plan(layer, tuple(e.shape))
-            if plan is not None:
+            if isinstance(layer.module, nn.Embedding):
+                formed[layer.name] = _PassEmbedding(layer, saved[layer.name], n, e)
+            elif (plan := _per_pass_plan(layer, tuple(e.shape))) is not None:
                 formed[layer.name] = _PassEntries(layer, plan, saved[layer.name], n, e)
     current = [0]  # the objective whose backward pass is running
     handles = [  # each formed layer takes its signals as the pass computes them, while they are in the cache
@@ -911,18 +912,13 @@ def _token_weights(m: nn.Embedding, idx: torch.Tensor, dtype: torch.dtype) -> to
     return w
 
 
-def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: Signals) -> dict[str, torch.Tensor]:
-    """Embedding y_t = W[i_t]: d W[v, j] = sum over tokens t with i_t = v of g_t[j] (times the token factors).
-    Each token whose row v holds wanted entries adds its signal's wanted columns to those entries: one gather
-    and one scatter-add over the (token, wanted entry of its row) pairs, nothing per vocabulary row. ``g``: the
-    signals (B, C, *out), or a tuple of C tensors (B, *out), one per objective (see :func:`layer_signals`)."""
+def _embedding_pairs(layer: SignalLayer, tokens: torch.Tensor, n_cols: int, dtype: torch.dtype) -> tuple:
+    """The (token, wanted entry of its row) pairs of an Embedding's closed form for ``tokens`` (B, T):
+    (read: each pair's place in one objective's flattened signals (B, T, n_cols), write: its place in the
+    flattened (B, k) entries, factor: its token factor or None). Kept while the tokens repeat (a position
+    embedding sees the same tokens in every chunk)."""
     m = layer.module
-    b = idx.shape[0]
-    c = len(g) if isinstance(g, tuple) else g.shape[1]
     k = len(layer.weight)
-    tokens = idx.reshape(b, -1)  # (B, T)
-    n_cols = (g[0] if isinstance(g, tuple) else g).shape[-1]
-    dtype = (g[0] if isinstance(g, tuple) else g).dtype
 
     def make() -> tuple[torch.Tensor, ...]:
         # wanted entries are sorted by flat index, so grouped by row: row r's entries are starts[r] .. + counts[r]
@@ -937,19 +933,33 @@ def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: Signals) -> dic
     row_of, counts, starts, cols = _cached(layer, ("embedding",), make)
     held = layer.plans.get("embedding pairs")
     if held is not None and held[0].shape == tokens.shape and torch.equal(held[0], tokens):
-        read, write, factor = held[1:]  # the same tokens as the last chunk (a position embedding)
-    else:
-        rows = row_of[tokens]  # (B, T): the token's place among the rows with wanted entries, -1 if none
-        sample, position = (rows >= 0).nonzero(as_tuple=True)  # the tokens whose row has wanted entries
-        rows = rows[sample, position]
-        per_token = counts[rows]
-        token = torch.repeat_interleave(per_token)  # one per (token, wanted entry of its row) pair
-        entry = starts[rows][token] + torch.arange(len(token), device=idx.device)
-        entry -= (torch.cumsum(per_token, 0) - per_token)[token]  # the pair's wanted entry
-        read = (sample[token] * tokens.shape[1] + position[token]) * n_cols + cols[entry]
-        write = sample[token] * k + entry
-        factor = _token_weights(m, tokens, dtype)[sample, position][token] if m.scale_grad_by_freq else None
-        layer.plans["embedding pairs"] = (tokens.clone(), read, write, factor)
+        return held[1:]  # the same tokens as the last chunk (a position embedding)
+    rows = row_of[tokens.reshape(-1)]  # (B * T): the token's place among the rows with wanted entries, -1 if none
+    where = (rows >= 0).nonzero().squeeze(1)  # the tokens (flat sample * T + position) whose row has wanted entries
+    rows = rows[where]
+    per_token = counts[rows]
+    token = torch.repeat_interleave(per_token)  # one per (token, wanted entry of its row) pair
+    entry = (starts[rows] - torch.cumsum(per_token, 0) + per_token)[token]
+    entry += torch.arange(len(token), device=tokens.device)  # the pair's wanted entry
+    at = where[token]
+    read = at * n_cols + cols[entry]
+    write = at.div(tokens.shape[1], rounding_mode="floor") * k + entry
+    factor = _token_weights(m, tokens, dtype).reshape(-1)[at] if m.scale_grad_by_freq else None
+    layer.plans["embedding pairs"] = (tokens.clone(), read, write, factor)
+    return read, write, factor
+
+
+def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: Signals) -> dict[str, torch.Tensor]:
+    """Embedding y_t = W[i_t]: d W[v, j] = sum over tokens t with i_t = v of g_t[j] (times the token factors).
+    Each token whose row v holds wanted entries adds its signal's wanted columns to those entries: one gather
+    and one scatter-add over the (token, wanted entry of its row) pairs (:func:`_embedding_pairs`), nothing per
+    vocabulary row. ``g``: the signals (B, C, *out), or a tuple of C tensors (B, *out), one per objective (see
+    :func:`layer_signals`)."""
+    b = idx.shape[0]
+    c = len(g) if isinstance(g, tuple) else g.shape[1]
+    k = len(layer.weight)
+    first = g[0] if isinstance(g, tuple) else g
+    read, write, factor = _embedding_pairs(layer, idx.reshape(b, -1), first.shape[-1], first.dtype)
     if isinstance(g, tuple):  # one gather per objective's signals
         values = torch.stack([gc.reshape(-1).index_select(0, read) for gc in g])  # (C, pairs)
     else:
@@ -960,6 +970,23 @@ def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: Signals) -> dic
         values = values * factor
     out = values.new_zeros(c, b * k).index_add_(1, write, values)
     return {"weight": out.view(c, b, k).transpose(0, 1)}
+
+
+class _PassEmbedding:
+    """An Embedding's wanted entries (B, C, k), filled in pass by pass: each pass's signals gathered at the token
+    pairs (:func:`_embedding_pairs`) while in the cache, nothing of them kept for later."""
+
+    def __init__(self, layer: SignalLayer, idx: torch.Tensor, n: int, like: torch.Tensor) -> None:
+        b, k = idx.shape[0], len(layer.weight)
+        n_cols = like.shape[-1] if layer.units is None else len(layer.units)
+        self.layer = layer
+        self.read, self.write, self.factor = _embedding_pairs(layer, idx.reshape(b, -1), n_cols, like.dtype)
+        self.out = like.new_zeros(n, b * k)
+        self.entries = {"weight": self.out.view(n, b, k).transpose(0, 1)}
+
+    def take(self, i: int, g: torch.Tensor) -> None:
+        values = _keep_units(self.layer, g).reshape(-1).index_select(0, self.read)
+        self.out[i].index_add_(0, self.write, values if self.factor is None else values * self.factor)
 
 
 def _embedding_squared_norms(layer: SignalLayer, idx: torch.Tensor, g: Signals) -> dict[str, torch.Tensor]:
