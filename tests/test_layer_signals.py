@@ -593,3 +593,27 @@ def test_linear_over_tokens_forms_its_entries_pass_by_pass(monkeypatch):
     assert not expected[:, :, aux].any() and np.abs(expected[:, :, : aux.start]).max(axis=(0, 1)).min() > 0
     np.testing.assert_allclose(results[False], expected, rtol=1e-10, atol=1e-10 * scale)
     np.testing.assert_allclose(results[False], results[True], rtol=1e-12, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("model_kind", ["signals", "fallback"])
+@pytest.mark.parametrize("weighting", ["sqrt_p", "none"])
+def test_embeddings_written_in_place_equal_the_iterated_chunks(model_kind, weighting, monkeypatch):
+    """masked_fisher_embeddings has the signal method write each float32 chunk straight into its output (no copy
+    of the chunk; counted) and weights it there; the result equals the public iterator's chunks, the last
+    chunk smaller, with and without a Jacobian-fallback tensor (whose chunks are copied)."""
+    import activelab.inference.fisher as fisher
+    from activelab.inference.fisher import iter_masked_fisher_embeddings
+
+    torch.manual_seed(0)
+    model = (TwiceNet() if model_kind == "fallback" else LinearTokensNet()).eval()
+    pool = _pool("tokens", 7, torch.float32)
+    params = dict(model.named_parameters())
+    mask = FisherMask(tuple(params), tuple(torch.arange(p.numel()) for p in params.values()), "fc.weight", False)
+    idx = np.array([6, 0, 5, 1, 4, 2, 3])
+    expected = torch.cat(list(iter_masked_fisher_embeddings(model, pool, idx, mask, weighting, chunk_size=3)))
+    placed = []
+    real = fisher._with_top_class
+    monkeypatch.setattr(fisher, "_with_top_class", lambda *a: placed.append(a[4] is not None) or real(*a))
+    got = masked_fisher_embeddings(model, pool, idx, mask, weighting, chunk_size=3)
+    assert placed == [model_kind == "signals"] * 3
+    np.testing.assert_array_equal(got, expected.numpy())

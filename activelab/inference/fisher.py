@@ -267,12 +267,15 @@ def _other_class_objectives(kept: dict[str, torch.Tensor]) -> Callable[[torch.Te
     return objectives
 
 
-def _with_top_class(v: torch.Tensor, p: torch.Tensor, top: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+def _with_top_class(
+    v: torch.Tensor, p: torch.Tensor, top: torch.Tensor, others: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, C, K) gradients of log p(c|x) for every class c, in class order, from ``v`` (B, C, K) whose first
     C - 1 rows are those of x's classes ``others`` (the classes other than its most probable one, in order)
     and whose last row is written here: sum_c p(c|x) d log p(c|x) = d sum_c p(c|x) = 0, so the most probable
     class's row is -sum_{c != top} p(c|x) row_c / p(top|x), exact up to rounding (p(top|x) >= 1 / C, so
-    nothing is divided by a small number)."""
+    nothing is divided by a small number). ``out``: a (B, C, K) tensor to write the result into (contiguous,
+    ``v``'s dtype), else a new one."""
     b, c, _ = v.shape
     w = (p.gather(1, others) / p.gather(1, top.unsqueeze(1))).to(v.dtype)  # (B, C - 1)
     v[:, c - 1] = -torch.bmm(w.unsqueeze(1), v[:, : c - 1]).squeeze(1)
@@ -280,7 +283,10 @@ def _with_top_class(v: torch.Tensor, p: torch.Tensor, top: torch.Tensor, others:
     k = torch.arange(c, device=v.device).expand(b, c)
     row = torch.where(k < top.unsqueeze(1), k, k - 1).masked_fill(k == top.unsqueeze(1), c - 1)
     rows = (row + c * torch.arange(b, device=v.device).unsqueeze(1)).view(-1)
-    return v.reshape(b * c, -1).index_select(0, rows).view(b, c, -1)
+    if out is None:
+        return v.reshape(b * c, -1).index_select(0, rows).view(b, c, -1)
+    torch.index_select(v.reshape(b * c, -1), 0, rows, out=out.view(b * c, -1))
+    return out
 
 
 def _vectorise_classes(model: nn.Module, signal_bytes: int) -> bool:
@@ -291,8 +297,10 @@ def _vectorise_classes(model: nn.Module, signal_bytes: int) -> bool:
     return signal_bytes <= STREAM_BYTES and not any(isinstance(m, LOOPED_UNDER_VMAP) for m in model.modules())
 
 
-def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
-    """Yield ((B, C, K) d log p / d theta_mask, p (B, C)) by the signal method (see iter_masked_fisher_embeddings)."""
+def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size, place=None):
+    """Yield ((B, C, K) d log p / d theta_mask, p (B, C)) by the signal method (see iter_masked_fisher_embeddings).
+    ``place(b, c, dtype)``: where a chunk of b samples goes (a contiguous (b, C, K) tensor the caller keeps, written
+    in place and yielded: no copy of the chunk), or None (a new tensor)."""
     device = model_device(model)
     indices = np.asarray(indices, dtype=np.int64)
     with eval_mode(model):
@@ -308,6 +316,7 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
         signal_bytes = num_classes * chunk_size * 4 * sum(int(np.prod(layer.out_shape[1:])) for layer in layers)
         vectorise = _vectorise_classes(model, signal_bytes)
         buffers: dict[str, torch.Tensor] = {}  # the per-class passes' signals, reused chunk after chunk
+        held_v: torch.Tensor | None = None  # the chunk's rows before the classes are put in order, reused too
         for x, _ in iter_batches(dataset, indices, chunk_size):
             x = x.to(device)
             if num_classes == 1:  # log p(c|x) = 0 for the only class: every gradient is zero
@@ -329,10 +338,14 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size):
                 dtype = torch.float32
                 for n in signal_names:  # a float64 head behind a float32 body stays float64
                     dtype = torch.promote_types(dtype, parts[n].dtype)
-                v = torch.empty(x.shape[0], num_classes, sum(sizes), dtype=dtype, device=device)
+                shape = (x.shape[0], num_classes, sum(sizes))
+                if held_v is None or held_v.shape != shape or held_v.dtype != dtype:
+                    held_v = torch.empty(shape, dtype=dtype, device=device)
+                v = held_v
                 torch.cat([parts[n] for n in signal_names], dim=2, out=v[:, : num_classes - 1])
                 p = kept["lp"].exp()
-                v = _with_top_class(v, p, kept["top"], kept["others"])
+                dest = None if fallback or place is None else place(x.shape[0], num_classes, dtype)
+                v = _with_top_class(v, p, kept["top"], kept["others"], dest)
                 if not fallback:
                     yield v, p
                     continue
@@ -373,11 +386,17 @@ def iter_masked_fisher_embeddings(
     uses batch statistics in eval mode gets the Jacobian method. ``method="jacobian"``: the full per-sample,
     per-class Jacobian of every masked tensor by ``vmap(jacrev)``, then a gather (C x P_wrt memory per sample).
     """
+    return _weighted_chunks(model, dataset, indices, mask, weighting, chunk_size, method)
+
+
+def _weighted_chunks(model, dataset, indices, mask, weighting, chunk_size, method, place=None):
+    """:func:`iter_masked_fisher_embeddings`'s chunks; ``place``: see :func:`_iter_signal_embeddings` (the
+    signal method's chunks may then be views of the caller's tensor, weighted in place)."""
     _check_weighting(weighting)
     if method == "signals" and not samples_independent(model):
         method = "jacobian"  # the signal method sums over the batch; the Jacobian one runs sample by sample
     if method == "signals":
-        chunks = _iter_signal_embeddings(model, dataset, indices, mask, chunk_size)
+        chunks = _iter_signal_embeddings(model, dataset, indices, mask, chunk_size, place)
     elif method == "jacobian":
         chunks = (
             (
@@ -418,11 +437,24 @@ def masked_fisher_embeddings(
         raise ActivelabError("no samples to embed")
     out: torch.Tensor | None = None
     start = 0
-    for chunk in iter_masked_fisher_embeddings(model, dataset, indices, mask, weighting, chunk_size, method):
+
+    def allocate(c: int) -> torch.Tensor:
+        nonlocal out
         if out is None:  # allocated once C is known: no second copy of the N x C x K output
             # a torch allocation: its first-touch cost is several times lower than numpy's here
-            out = torch.empty((n, chunk.shape[1], mask.size), dtype=torch.float32)
-        out[start : start + len(chunk)] = chunk
+            out = torch.empty((n, c, mask.size), dtype=torch.float32)
+        return out
+
+    def place(b: int, c: int, dtype: torch.dtype) -> torch.Tensor | None:
+        # the signal method writes a float32 CPU chunk straight into the output (no copy of it)
+        if dtype != torch.float32 or model_device(model).type != "cpu":
+            return None
+        return allocate(c)[start : start + b]
+
+    for chunk in _weighted_chunks(model, dataset, indices, mask, weighting, chunk_size, method, place):
+        dest = allocate(chunk.shape[1])[start : start + len(chunk)]
+        if chunk.data_ptr() != dest.data_ptr():
+            dest.copy_(chunk)
         start += len(chunk)
     return out.numpy()
 
