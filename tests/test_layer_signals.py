@@ -496,9 +496,10 @@ def test_fisher_embeddings_of_a_bare_module_and_of_fallback_tensors_stay_float64
 
 
 def test_per_objective_embedding_signals_give_squared_norms_too():
-    """With several objectives one pass each, an Embedding's signals come as a tuple of tensors; its squared
-    norms from them equal those from the stacked (vectorised) signals."""
-    from activelab.inference.signals import layer_signals, layer_squared_norms
+    """With several objectives one pass each, an Embedding's signals come as a tuple of tensors, or with
+    entries_per_pass as its entries formed in each pass; its squared norms from either equal those from the
+    stacked (vectorised) signals, and entries formed for part of the weight are refused (not a whole norm)."""
+    from activelab.inference.signals import FormedEntries, layer_signals, layer_squared_norms
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3)).double().eval()
@@ -514,6 +515,15 @@ def test_per_objective_embedding_signals_give_squared_norms_too():
         assert isinstance(sig["0"], tuple) == (not vectorise)
         norms[vectorise] = layer_squared_norms(layers[0], saved["0"], sig["0"])["weight"]
     torch.testing.assert_close(norms[False], norms[True], rtol=1e-12, atol=0)
+    _, sig, saved = layer_signals(model, layers, x, objectives, False, None, True)
+    assert isinstance(sig["0"], FormedEntries)
+    torch.testing.assert_close(
+        layer_squared_norms(layers[0], saved["0"], sig["0"])["weight"], norms[True], rtol=1e-12, atol=0
+    )
+    part, _ = plan_signal_layers(model, {"0.weight": torch.arange(20)}, x[:2])
+    _, sig, saved = layer_signals(model, part, x, objectives, False, None, True)
+    with pytest.raises(ValueError, match="only some entries"):
+        layer_squared_norms(part[0], saved["0"], sig["0"])
 
 
 class LinearTokensNet(nn.Module):
@@ -542,10 +552,11 @@ class LinearTokensNet(nn.Module):
 
 def test_linear_over_tokens_forms_its_entries_pass_by_pass(monkeypatch):
     """With one backward pass per class, a Linear over tokens forms its wanted entries in each pass from that
-    pass's signals (no copy of them), when its block of kept units x wanted columns is at most 12x its padded
-    row-wise products: a dense mask (a), a bias alone (bias_only), three entries on units and columns that are
-    gathered first (sparse), a layer no objective reaches (aux: zeros); a diagonal mask (block 16x its padded
-    rows) keeps the copied signals. Every entry equals the loop's in float64 and the vectorised method's."""
+    pass's signals (no copy of every class's signals), when its block of kept units x wanted columns is at most
+    12x its padded row-wise products: a dense mask (a), a bias alone (bias_only), three entries on units and
+    columns that are gathered first (sparse), a layer no objective reaches (aux: zeros); a diagonal mask (block
+    16x its padded rows) keeps the copied signals. Every entry equals the loop's in float64 and the vectorised
+    method's."""
     import activelab.inference.fisher as fisher
     from activelab.inference.signals import FormedEntries
 

@@ -53,12 +53,13 @@ WEIGHTINGS: tuple[str, ...] = ("sqrt_p", "none")
 #: Budget for one chunk of per-sample, per-class gradients when ``chunk_size`` is not given.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 #: When one chunk's signals (every class, every masked layer) would take more than this, the signal method runs
-#: its backward passes one class at a time, copying each pass's signals into tensors kept across chunks (an
-#: Embedding's are read in place), and forms the entries of all classes at once: on conv nets at 28x28 with
-#: depthwise layers about 15% faster than one backward pass vectorised over the classes, whose C-fold tensors
-#: are memory-bound, and on an embedding model over 196 tokens (24 MiB) about 10%; below it the vectorised
-#: pass is as fast or faster (a Conv1d net, 3.4 MiB; LeNet, 6 MiB: the same), unless normalisation layers
-#: make it loop anyway (see :func:`_vectorise_classes`). Measured with torch 2.14, one thread.
+#: its backward passes one class at a time (each pass's signals copied into tensors kept across chunks, or, for
+#: an Embedding and a small enough Linear over positions, their entries formed inside the pass; see
+#: :func:`~activelab.inference.signals.layer_signals`), then forms the other entries of all classes at once: on
+#: conv nets at 28x28 with depthwise layers about 15% faster than one backward pass vectorised over the classes,
+#: whose C-fold tensors are memory-bound, and on an embedding model over 196 tokens (24 MiB) about 10%; below it
+#: the vectorised pass is as fast or faster (a Conv1d net, 3.4 MiB; LeNet, 6 MiB: the same), unless
+#: normalisation layers make it loop anyway (see :func:`_vectorise_classes`). Measured with torch 2.14, one thread.
 STREAM_BYTES = 8 * 2**20
 
 
@@ -416,7 +417,7 @@ def _weighted_chunks(model, dataset, indices, mask, weighting, chunk_size, metho
     for v, p in chunks:
         if weighting == "sqrt_p":
             w = p.sqrt().unsqueeze(2)
-            # each chunk is a fresh tensor: weighted in place unless that would round to a lower precision
+            # each chunk is a fresh tensor or the caller's (``place``): weighted in place unless that would round
             v = v.mul_(w) if torch.promote_types(v.dtype, w.dtype) == v.dtype else v * w
         yield v.float().cpu()
 

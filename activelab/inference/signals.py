@@ -27,8 +27,9 @@ longest, where the signals have unit stride along the positions or the positions
 product per sample and row over that row's wanted columns
 (:func:`rowwise_products`), or entry by entry. That index work depends on the wanted entries and the shapes
 only, so it is done on a layer's first chunk and kept (:attr:`SignalLayer.plans`). When the objectives are
-differentiated one backward pass at a time, a Linear over positions forms its entries inside each pass, from
-the block of its kept units x wanted columns (:func:`_per_pass_plan`), so its signals are never copied.
+differentiated one backward pass at a time, an Embedding and a Linear over positions (the latter while its block
+is small enough, :func:`_per_pass_plan`) form their entries inside each pass, so their signals are not kept
+for later (only a layer that keeps some units copies those units' signals in each pass).
 
 Used by :mod:`activelab.inference.fisher` (masked Fisher embeddings: C - 1 objectives, log p(c|x) for each
 class but the sample's most probable one)
@@ -66,7 +67,8 @@ LOOPED_UNDER_VMAP = (
 @dataclass(frozen=True)
 class FormedEntries:
     """A layer's wanted entries {"weight" / "bias": (B, C, k)}, formed pass by pass as :func:`layer_signals`
-    ran one backward pass per objective (see :func:`_per_pass_plan`), in place of its signals."""
+    ran one backward pass per objective (an Embedding's, :class:`_PassEmbedding`; a Linear over positions',
+    :func:`_per_pass_plan`), in place of its signals."""
 
     entries: dict[str, torch.Tensor]
 
@@ -268,9 +270,10 @@ def layer_signals(
     several MiB per chunk costs its page faults again). An Embedding's closed form reads few of its signals, so
     with more than one objective its passes' signals are not copied: it gets the tuple of the n_objectives
     tensors (B, *out) themselves (:func:`layer_entries` and :func:`layer_squared_norms` take either form).
-    ``entries_per_pass`` (with one pass per objective, more than one objective): a Linear mapped over positions
-    whose block is small enough (:func:`_per_pass_plan`) forms its wanted entries from each pass's signals as the
-    pass computes them (a tensor hook), and gets them as :class:`FormedEntries` instead of signals.
+    ``entries_per_pass`` (with one pass per objective, more than one objective): every Embedding, and a Linear
+    mapped over positions whose block is small enough (:func:`_per_pass_plan`), forms its wanted entries from
+    each pass's signals as the pass computes them (a tensor hook), and gets them as :class:`FormedEntries`
+    instead of signals (an Embedding then gets no tuple).
     Returns (output detached, {name: signals (B, n_objectives, *out), that tuple, or FormedEntries},
     {name: input (B, *in)}),
     where a layer with ``units`` keeps only those units' signals (along its ``unit_dim``); the signals are a
@@ -364,9 +367,10 @@ class PerPassPlan:
 def _per_pass_plan(layer: SignalLayer, out_shape: tuple[int, ...]) -> PerPassPlan | None:
     """Whether a layer forms its wanted entries pass by pass, as one backward pass per objective computes its
     signals, rather than from every objective's signals copied together: for a Linear mapped over positions
-    whose block (kept units x the wanted entries' distinct input columns) is at most ``_PER_PASS_RATIO`` times
-    its padded row-wise products. Each pass then costs one batched product of that block (B x units x positions
-    x columns multiply-adds, at matrix-product speed, on signals still in the cache) and no copy; the row-wise
+    whose block (kept units x the wanted entries' distinct input columns, or all columns when more than half
+    are wanted) is at most ``_PER_PASS_RATIO`` times its padded row-wise products. Each pass then costs one
+    batched product of that block (B x units x positions x columns multiply-adds, at matrix-product speed, on
+    signals still in the cache) and no copy of them (but of the kept units' when there are fewer); the row-wise
     products on copied signals do fewer multiply-adds but run several times slower per multiply-add on tensors
     C times bigger. Measured on the token models of ``benchmarks/bench_layer_signals.py`` (5% masks, C = 10, one
     thread): the whole Fisher embedding 14-20% faster; at a 1% mask (block about 21x the row-wise products) the
@@ -1026,7 +1030,7 @@ def layer_entries(layer: SignalLayer, a: torch.Tensor, g: Signals) -> dict[str, 
     """Wanted entries (B, C, k) of d objective / d weight and d bias, from the layer's input ``a`` (B, *in)
     and the signals ``g`` = d objective_c / d output (B, C, *out), C objectives, holding only the layer's
     ``units`` if it has them (as :func:`layer_signals` gives them: for an Embedding, possibly a tuple of C
-    tensors (B, *out))."""
+    tensors (B, *out)), or the entries themselves (:class:`FormedEntries`, returned as they are)."""
     if isinstance(g, FormedEntries):
         return g.entries
     m = layer.module
@@ -1064,9 +1068,12 @@ def layer_squared_norms(layer: SignalLayer, a: torch.Tensor, g: Signals) -> dict
     ``layer`` must want every unit (``units`` None): a squared norm of a whole tensor needs all its signals."""
     if layer.units is not None:
         raise ValueError(f"layer {layer.name!r} keeps only some units' signals; whole-gradient norms need all")
-    if isinstance(g, FormedEntries):
-        return {attr: _sq_norm(v, 2) for attr, v in g.entries.items()}
     m = layer.module
+    if isinstance(g, FormedEntries):  # the whole norm from the entries: only when they are every entry
+        sizes = {"weight": m.weight, "bias": getattr(m, "bias", None)}
+        if any(v.shape[2] != sizes[attr].numel() for attr, v in g.entries.items()):
+            raise ValueError(f"layer {layer.name!r} formed only some entries; whole-gradient norms need all")
+        return {attr: _sq_norm(v, 2) for attr, v in g.entries.items()}
     if isinstance(m, nn.Embedding):
         return _embedding_squared_norms(layer, a, g)
     b, c = g.shape[:2]
