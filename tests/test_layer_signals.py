@@ -628,3 +628,60 @@ def test_embeddings_written_in_place_equal_the_iterated_chunks(model_kind, weigh
     got = masked_fisher_embeddings(model, pool, idx, mask, weighting, chunk_size=3)
     assert placed == [model_kind == "signals"] * 3
     np.testing.assert_array_equal(got, expected.numpy())
+
+
+class MaxNormNet(nn.Module):
+    """Tokens through an Embedding with max_norm (rows start above it, so the first forward pass renormalises
+    them in place), read twice when ``twice`` (then its weight goes to the Jacobian fallback), a Linear per token
+    and the classifier."""
+
+    classifier_name = "fc"
+
+    def __init__(self, twice: bool) -> None:
+        super().__init__()
+        self.twice = twice
+        self.emb = nn.Embedding(9, 4, max_norm=1.0)
+        with torch.no_grad():
+            self.emb.weight.mul_(3)
+        self.h = nn.Linear(4, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = ((x[:, 0, 0, :5] + 1.5) * 3).long().clamp(0, 8)
+        e = self.emb(tokens) + (self.emb(tokens.flip(1)) if self.twice else 0)
+        return self.fc(torch.tanh(self.h(e)).mean(dim=1))
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["signals", "fallback"])
+def test_an_embedding_with_max_norm_is_differentiated_by_every_method(twice):
+    """An Embedding with max_norm renormalises the rows it reads in place in each forward pass, which vmap cannot
+    run (it used to fail there): the signal method, the Jacobian fallback and method, the diagonal Fisher and
+    both gradient-norm methods now give the per-sample loop's values (float64), the rows renormalised."""
+    from activelab.inference.fisher import diagonal_fisher
+
+    torch.manual_seed(0)
+    model = MaxNormNet(twice).double().eval()
+    pool = _pool("tokens", 5, torch.float64)
+    idx = np.array([4, 1, 3, 0, 2])
+    params = dict(model.named_parameters())
+    mask = FisherMask(tuple(params), tuple(torch.arange(p.numel()) for p in params.values()), "fc.weight", False)
+    before = model.emb.weight.detach().clone()
+    got = {
+        "signals": torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 2)]).numpy(),
+        "jacobian": masked_fisher_embeddings(model, pool, idx, mask, "none", chunk_size=2, method="jacobian"),
+    }
+    fisher = diagonal_fisher(model, pool, idx, chunk_size=2)
+    norms = {m: entropy_gradient_norms(model, pool, idx, chunk_size=2, method=m) for m in ("signals", "vmap")}
+    assert model.emb.max_norm == 1.0 and not torch.equal(before, model.emb.weight.detach())  # renormalised, kept
+    assert model.emb.weight.detach().norm(dim=1).max() <= 1.0 + 1e-12
+    grads, probs = _loop_log_prob_grads(model, pool, idx)  # the renormalised rows stay as they are now
+    expected = torch.cat([grads[n] for n in params], dim=2).numpy()
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(got["signals"], expected, rtol=1e-10, atol=1e-10 * scale)
+    np.testing.assert_allclose(got["jacobian"], expected, rtol=1e-6, atol=1e-6 * scale)  # float32 output
+    for n in params:
+        expected_fisher = (probs.unsqueeze(2) * grads[n] ** 2).sum(dim=(0, 1)).reshape(params[n].shape)
+        torch.testing.assert_close(fisher[n], expected_fisher, rtol=1e-10, atol=1e-12)
+    loop_norms = entropy_gradient_norms_loop(model, pool, idx)
+    for m, values in norms.items():
+        np.testing.assert_allclose(values, loop_norms, rtol=1e-10, err_msg=m)

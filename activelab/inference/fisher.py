@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
-from ..models.introspection import eval_mode, model_device
+from ..models.introspection import eval_mode, model_device, renormed_embeddings
 from .signals import (
     LOOPED_UNDER_VMAP,
     VMAP_UNSAFE,
@@ -141,7 +141,9 @@ def iter_log_prob_jacobians(
             chunk_size = auto_chunk(model, names, num_classes)
         wrt, jac_fn = _jacobian_fn(model, names)
         for x, _ in iter_batches(dataset, np.asarray(indices, dtype=np.int64), chunk_size):
-            jac, logp = jac_fn(wrt, x.to(device))
+            x = x.to(device)
+            with renormed_embeddings(model, x):
+                jac, logp = jac_fn(wrt, x)
             yield jac, logp.exp()
 
 
@@ -351,7 +353,8 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size, place=Non
                     yield v, p
                     continue
                 blocks = dict(zip(signal_names, v.split(sizes, dim=2), strict=True))
-            jac, lp = jac_fn(wrt, x)
+            with renormed_embeddings(model, x):
+                jac, lp = jac_fn(wrt, x)
             if not layers:  # the Jacobian pass gives the probabilities too
                 p = lp.exp()
             for n, idx in zip(mask.names, mask.indices, strict=True):

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from ..data.arrays import iter_batches
 from ..errors import ActivelabError
-from ..models.introspection import auxiliary_prefixes, classifier_name, eval_mode, model_device
+from ..models.introspection import auxiliary_prefixes, classifier_name, eval_mode, model_device, renormed_embeddings
 from .signals import (
     SignalLayer,
     layer_signals,
@@ -189,7 +189,9 @@ def _vmap_norms(model, dataset, indices, names, norm, chunk_size) -> np.ndarray:
     per_sample_grad = vmap(grad(sample_entropy), in_dims=(None, 0))
     scores = []
     for x, _ in iter_batches(dataset, indices, chunk):
-        grads = per_sample_grad(grad_params, x.to(device))
+        x = x.to(device)
+        with renormed_embeddings(model, x):
+            grads = per_sample_grad(grad_params, x)
         per_tensor = torch.stack([grads[n].flatten(1).norm(dim=1) for n in names], dim=1)
         scores.append(reduce_norms(per_tensor.double(), norm).cpu())
         del grads

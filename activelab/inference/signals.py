@@ -143,12 +143,11 @@ def _needed_units(module: nn.Module, weight: torch.Tensor | None, bias: torch.Te
 
 def signal_supported(module: nn.Module) -> bool:
     """Linear, Conv1d / Conv2d (any groups, padding or padding mode), BatchNorm with running statistics,
-    GroupNorm, LayerNorm, RMSNorm and Embedding (without ``max_norm``, which rewrites the weight in forward)."""
+    GroupNorm, LayerNorm, RMSNorm and Embedding (with ``max_norm`` too: its forward renormalises the rows it reads
+    in place, without grad, before the lookup, so the gradient is the plain lookup's, as PyTorch's is)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.running_mean is not None and module.running_var is not None
-    if isinstance(module, nn.Embedding):
-        return module.max_norm is None
-    return isinstance(module, (nn.Linear, nn.GroupNorm) + _CONV + _TRAILING_NORMS)
+    return isinstance(module, (nn.Linear, nn.GroupNorm, nn.Embedding) + _CONV + _TRAILING_NORMS)
 
 
 def samples_independent(model: nn.Module) -> bool:

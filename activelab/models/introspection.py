@@ -1,9 +1,11 @@
 """Model introspection: reaching layers by name (taps, the classifier), eval mode with optional dropout, the
-model's device, and pooling of tapped activations. Used by training, inference and the query context alike."""
+model's device, pooling of tapped activations, and Embedding renormalisation ahead of functorch transforms.
+Used by training, inference and the query context alike."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -90,6 +92,30 @@ class TapCapture:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextmanager
+def renormed_embeddings(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
+    """For the body of the block, Embedding layers with ``max_norm`` run without renormalising, after one plain
+    forward pass of ``x`` (no grad) has renormalised the rows ``x`` reads, as any forward pass does (the weights
+    change in place: PyTorch's behaviour). ``vmap`` cannot run that in-place renormalisation; a renormalised row
+    is left as it is by the next one, so the block's passes of ``x`` see what a forward pass with it would. Models
+    without such layers: nothing is run. Not for a model other threads run meanwhile (``max_norm`` is unset on
+    the module itself)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.max_norm is not None]
+    if not layers:
+        yield
+        return
+    with torch.no_grad():
+        model(x)
+    norms = [m.max_norm for m in layers]
+    for m in layers:
+        m.max_norm = None
+    try:
+        yield
+    finally:
+        for m, max_norm in zip(layers, norms, strict=True):
+            m.max_norm = max_norm
 
 
 class eval_mode:
