@@ -685,3 +685,40 @@ def test_an_embedding_with_max_norm_is_differentiated_by_every_method(twice):
     loop_norms = entropy_gradient_norms_loop(model, pool, idx)
     for m, values in norms.items():
         np.testing.assert_allclose(values, loop_norms, rtol=1e-10, err_msg=m)
+
+
+class SequenceFirstNet(nn.Module):
+    """A Linear over a sequence-first (T = 2, B, d) tensor, T equal to the probe's two samples, then the mean
+    over the sequence: its output's first dimension is the sequence, not the batch."""
+
+    classifier_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = nn.Linear(8, 5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x[:, 0, :2, :8].transpose(0, 1)  # (2, B, 8)
+        return self.fc(torch.tanh(self.h(seq)).mean(dim=0))
+
+
+def test_a_sequence_first_layer_as_long_as_the_probe_goes_to_the_fallback():
+    """The probe has two samples and the sequence two steps: on the probe alone the Linear's output looked
+    batch-first (its per-sample gradients were then mixed across samples); a second probe pass with one more
+    sample tells them apart, so the Linear goes to the Jacobian fallback and every entry equals the loop."""
+    torch.manual_seed(0)
+    model = SequenceFirstNet().double().eval()
+    pool = _pool("tokens", 5, torch.float64)
+    params = dict(model.named_parameters())
+    wanted = {n: torch.arange(p.numel()) for n, p in params.items()}
+    layers, fallback = plan_signal_layers(model, wanted, torch.stack([pool[0][0], pool[1][0]]))
+    assert [layer.name for layer in layers] == ["fc"] and sorted(fallback) == ["h.bias", "h.weight"]
+    mask = FisherMask(tuple(params), tuple(wanted.values()), "fc.weight", False)
+    idx = np.array([4, 1, 3, 0, 2])
+    got = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 2)]).numpy()
+    grads, _ = _loop_log_prob_grads(model, pool, idx)
+    expected = torch.cat([grads[n] for n in params], dim=2).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+    norms = entropy_gradient_norms(model, pool, idx, chunk_size=2)
+    np.testing.assert_allclose(norms, entropy_gradient_norms_loop(model, pool, idx), rtol=1e-10)

@@ -175,8 +175,9 @@ def plan_signal_layers(
     names (to differentiate directly).
 
     A signal layer is a supported module whose parameters no other module shares, called exactly once in a
-    forward pass of ``probe`` (give at least two samples), with an output whose first dimension is the batch
-    (a Linear over a (T, B, d) sequence-first tensor would not be). ``probe`` is only run, never differentiated.
+    forward pass, with an output whose first dimension is the batch (a Linear over a (T, B, d) sequence-first
+    tensor is not), checked on two passes: of ``probe`` (give at least two samples) and of ``probe`` plus its
+    first sample again. ``probe`` is only run, never differentiated.
     """
     modules = dict(model.named_modules())
     shared = _shared_parameter_names(model)
@@ -190,24 +191,35 @@ def plan_signal_layers(
             continue
         layer = layers.setdefault(prefix, SignalLayer(prefix, module, None, None))
         setattr(layer, attr, torch.as_tensor(idx, dtype=torch.int64, device=probe.device))
-    calls: dict[str, list[tuple[int, ...]]] = {n: [] for n in layers}
-    handles = [
-        layer.module.register_forward_hook(lambda _m, _i, out, n=n: calls[n].append(tuple(out.shape)))
-        for n, layer in layers.items()
-    ]
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for h in handles:
-            h.remove()
+    # two passes, of the probe and of the probe plus one sample: a batch-first output follows the batch size in
+    # both (a sequence-first one whose length happens to equal one batch size does not follow it in the other)
+    batches = (probe, torch.cat([probe, probe[:1]]))
+    calls: list[dict[str, list[tuple[int, ...]]]] = [{n: [] for n in layers} for _ in batches]
+    for batch, seen in zip(batches, calls, strict=True):
+        handles = [
+            layer.module.register_forward_hook(lambda _m, _i, out, n=n, seen=seen: seen[n].append(tuple(out.shape)))
+            for n, layer in layers.items()
+        ]
+        try:
+            with torch.no_grad():
+                model(batch)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def batch_first(n: str) -> bool:
+        return all(
+            len(seen[n]) == 1 and bool(seen[n][0]) and seen[n][0][0] == batch.shape[0]
+            for batch, seen in zip(batches, calls, strict=True)
+        )
+
     kept = []
     for n, layer in layers.items():
         # a module called twice or never, or whose output is not batch-first: differentiate its parameters
-        if len(calls[n]) != 1 or not calls[n][0] or calls[n][0][0] != probe.shape[0]:
+        if not batch_first(n):
             fallback += [layer.param_name(a) for a in ("weight", "bias") if getattr(layer, a) is not None]
             continue
-        layer.out_shape = calls[n][0]
+        layer.out_shape = calls[0][n][0]
         layer.units = _needed_units(layer.module, layer.weight, layer.bias)
         kept.append(layer)
     return kept, fallback
