@@ -113,3 +113,30 @@ def test_half_precision_inference_on_cuda():
     np.testing.assert_allclose(half, full, atol=2e-2, rtol=2e-2)
     assert np.array_equal(half.argmax(1), full.argmax(1)) or (half.argmax(1) != full.argmax(1)).mean() < 0.02
     assert stats.passes == 4 and np.allclose(stats.prob_sum.sum(1), 4)
+
+
+@cuda
+def test_fisher_embeddings_formed_inside_each_pass_on_cuda(monkeypatch):
+    """The signal method with one backward pass per class (entries formed inside each pass by tensor hooks on
+    CUDA tensors, token pairs built on the device, the chunk not written in place off the host) and the
+    max_norm renormalisation before vmap: the CPU's embeddings and gradient norms, float64."""
+    import activelab.inference.fisher as fisher
+    from activelab.inference.fisher import FisherMask, masked_fisher_embeddings
+    from activelab.inference.gradients import entropy_gradient_norms
+
+    from .test_layer_signals import LinearTokensNet, MaxNormNet, _pool
+
+    monkeypatch.setattr(fisher, "_vectorise_classes", lambda model, signal_bytes: False)
+    pool = _pool("tokens", 7, torch.float64)
+    idx = np.array([6, 0, 5, 1, 4, 2, 3])
+    for make in (LinearTokensNet, lambda: MaxNormNet(True)):
+        torch.manual_seed(0)
+        model = make().double().eval()
+        params = dict(model.named_parameters())
+        mask = FisherMask(tuple(params), tuple(torch.arange(p.numel()) for p in params.values()), "fc.weight", False)
+        masked_fisher_embeddings(model, pool, idx, mask, chunk_size=3)  # max_norm: rows renormalised once here
+        cpu = masked_fisher_embeddings(model, pool, idx, mask, chunk_size=3)
+        cpu_norms = entropy_gradient_norms(model, pool, idx, chunk_size=3)
+        model.to("cuda")
+        np.testing.assert_allclose(masked_fisher_embeddings(model, pool, idx, mask, chunk_size=3), cpu, atol=1e-6)
+        np.testing.assert_allclose(entropy_gradient_norms(model, pool, idx, chunk_size=3), cpu_norms, rtol=1e-10)
