@@ -28,8 +28,8 @@ needs_ray = pytest.mark.skipif(
 )
 
 # One run, two strategies: two jobs, one per worker CPU.
-SMALL = {**TINY, "loop": {**TINY["loop"], "runs": 1, "rounds": 2}}
-ROUNDS = 2 * 3  # strategies x (round 0 + 2 rounds)
+SMALL = {**TINY, "loop": {**TINY["loop"], "runs": 1, "rounds": 3}}
+ROUNDS = 2 * 4  # strategies x (round 0 + 3 rounds)
 # for the drivers started as subprocesses (see the ray_cluster fixture)
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -96,16 +96,18 @@ def _rounds_by_strategy(exp: Path) -> dict[str, int]:
 
 def _kill_a_worker_after(exp: Path, rounds: int, deadline_s: float = 60) -> int:
     """Wait until ``rounds`` rounds are committed, then SIGKILL one worker that runs a job; return its pid.
-    Only while every live job worker runs an unfinished job: a worker whose job committed its last round may
-    still be returning, and its pid cannot be told apart from the others (on a loaded machine one job can run
-    a round or more ahead of the other)."""
+    Only while every live job worker runs a job with at least two rounds still to commit: a worker's pid cannot
+    be told apart from the others, a job whose last round is under way can commit it between the check and the
+    kill (then all rounds are done though its task failed), and a worker whose job committed its last round
+    may still be returning (on a loaded machine one job can run a round or more ahead of the other)."""
     deadline = time.time() + deadline_s
     per_job = ROUNDS // len(SMALL["strategies"])
     while time.time() < deadline:
         pids = _job_worker_pids()
         done = _rounds_by_strategy(exp)
-        unfinished = [s["name"] for s in SMALL["strategies"] if done.get(s["name"], 0) < per_job]
-        if pids and sum(done.values()) >= rounds and len(pids) == len(unfinished):
+        left = [per_job - done.get(s["name"], 0) for s in SMALL["strategies"]]
+        unfinished = [n for n in left if n > 0]
+        if pids and sum(done.values()) >= rounds and len(pids) == len(unfinished) and min(unfinished) >= 2:
             os.kill(pids[0], signal.SIGKILL)
             return pids[0]
         if not unfinished:
