@@ -496,9 +496,9 @@ def test_fisher_embeddings_of_a_bare_module_and_of_fallback_tensors_stay_float64
 
 
 def test_per_objective_embedding_signals_give_squared_norms_too():
-    """With several objectives one pass each, an Embedding's signals come as a tuple of tensors, or with
-    entries_per_pass as its entries formed in each pass; its squared norms from either equal those from the
-    stacked (vectorised) signals, and entries formed for part of the weight are refused (not a whole norm)."""
+    """With several objectives one pass each, an Embedding's entries are formed in each pass; its squared norms
+    from them equal those from the stacked (vectorised) signals, and entries formed for part of the weight are
+    refused (not a whole norm)."""
     from activelab.inference.signals import FormedEntries, layer_signals, layer_squared_norms
 
     torch.manual_seed(0)
@@ -512,16 +512,11 @@ def test_per_objective_embedding_signals_give_squared_norms_too():
     norms = {}
     for vectorise in (True, False):
         _, sig, saved = layer_signals(model, layers, x, objectives, vectorise)
-        assert isinstance(sig["0"], tuple) == (not vectorise)
+        assert isinstance(sig["0"], FormedEntries) == (not vectorise)
         norms[vectorise] = layer_squared_norms(layers[0], saved["0"], sig["0"])["weight"]
     torch.testing.assert_close(norms[False], norms[True], rtol=1e-12, atol=0)
-    _, sig, saved = layer_signals(model, layers, x, objectives, False, None, True)
-    assert isinstance(sig["0"], FormedEntries)
-    torch.testing.assert_close(
-        layer_squared_norms(layers[0], saved["0"], sig["0"])["weight"], norms[True], rtol=1e-12, atol=0
-    )
     part, _ = plan_signal_layers(model, {"0.weight": torch.arange(20)}, x[:2])
-    _, sig, saved = layer_signals(model, part, x, objectives, False, None, True)
+    _, sig, saved = layer_signals(model, part, x, objectives, False)
     with pytest.raises(ValueError, match="only some entries"):
         layer_squared_norms(part[0], saved["0"], sig["0"])
 

@@ -331,7 +331,7 @@ def _iter_signal_embeddings(model, dataset, indices, mask, chunk_size, place=Non
             if layers:
                 kept: dict[str, torch.Tensor] = {}
                 objectives = _other_class_objectives(kept)
-                _, signals, saved = layer_signals(model, layers, x, objectives, vectorise, buffers, True)
+                _, signals, saved = layer_signals(model, layers, x, objectives, vectorise, buffers)
                 parts = {}
                 for layer in layers:
                     for attr, val in layer_entries(layer, saved[layer.name], signals[layer.name]).items():
@@ -449,11 +449,11 @@ def masked_fisher_embeddings(
             out = torch.empty((n, c, mask.size), dtype=torch.float32)
         return out
 
+    on_cpu = model_device(model).type == "cpu"
+
     def place(b: int, c: int, dtype: torch.dtype) -> torch.Tensor | None:
         # the signal method writes a float32 CPU chunk straight into the output (no copy of it)
-        if dtype != torch.float32 or model_device(model).type != "cpu":
-            return None
-        return allocate(c)[start : start + b]
+        return allocate(c)[start : start + b] if on_cpu and dtype == torch.float32 else None
 
     for chunk in _weighted_chunks(model, dataset, indices, mask, weighting, chunk_size, method, place):
         dest = allocate(chunk.shape[1])[start : start + len(chunk)]

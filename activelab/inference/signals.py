@@ -73,9 +73,8 @@ class FormedEntries:
     entries: dict[str, torch.Tensor]
 
 
-#: A layer's signals for C objectives: (B, C, *out), for an Embedding possibly a tuple of C tensors (B, *out),
-#: or its entries already formed from them (:class:`FormedEntries`).
-Signals = torch.Tensor | tuple[torch.Tensor, ...] | FormedEntries
+#: A layer's signals for C objectives, (B, C, *out), or its entries already formed from them (:class:`FormedEntries`).
+Signals = torch.Tensor | FormedEntries
 #: Normalisation layers y = a_hat * weight + bias whose parameters are per channel (dimension 1 of the output).
 _CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 #: Normalisation layers whose parameters run over the trailing ``normalized_shape`` dimensions.
@@ -264,7 +263,6 @@ def layer_signals(
     objectives: Callable[[torch.Tensor], Sequence[torch.Tensor]],
     vectorise: bool = True,
     buffers: dict[str, torch.Tensor] | None = None,
-    entries_per_pass: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Signals], dict[str, torch.Tensor]]:
     """One forward pass over the batch with a hook adding a zero tensor (requiring grad) to each signal layer's
     output and saving its input, then the gradients of each objective w.r.t. those zeros.
@@ -278,15 +276,12 @@ def layer_signals(
     per-objective loop's passes cost, where the vectorised pass is slower: modules whose backward PyTorch
     runs once per objective under vmap (normalisation layers), or signals too big for the cache.
     ``buffers``: a dict the caller keeps across chunks, holding those tensors for reuse (a fresh tensor of
-    several MiB per chunk costs its page faults again). An Embedding's closed form reads few of its signals, so
-    with more than one objective its passes' signals are not copied: it gets the tuple of the n_objectives
-    tensors (B, *out) themselves (:func:`layer_entries` and :func:`layer_squared_norms` take either form).
-    ``entries_per_pass`` (with one pass per objective, more than one objective): every Embedding, and a Linear
-    mapped over positions whose block is small enough (:func:`_per_pass_plan`), forms its wanted entries from
-    each pass's signals as the pass computes them (a tensor hook), and gets them as :class:`FormedEntries`
-    instead of signals (an Embedding then gets no tuple).
-    Returns (output detached, {name: signals (B, n_objectives, *out), that tuple, or FormedEntries},
-    {name: input (B, *in)}),
+    several MiB per chunk costs its page faults again). With one pass per objective and more than one
+    objective, every Embedding, and a Linear mapped over positions whose block is small enough
+    (:func:`_per_pass_plan`), forms its wanted entries from each pass's signals as the pass computes them (a
+    tensor hook), and gets them as :class:`FormedEntries` instead of signals (:func:`layer_entries` and
+    :func:`layer_squared_norms` take either form).
+    Returns (output detached, {name: signals (B, n_objectives, *out) or FormedEntries}, {name: input (B, *in)}),
     where a layer with ``units`` keeps only those units' signals (along its ``unit_dim``); the signals are a
     strided view, valid until the next call with the same ``buffers``.
     """
@@ -314,9 +309,8 @@ def layer_signals(
             signals[layer.name] = g.transpose(0, 1)  # (B, n_objectives, *out), a view
         return out.detach(), signals, saved
     stacked: dict[str, torch.Tensor] = {}
-    kept: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers if isinstance(layer.module, nn.Embedding)}
     formed: dict[str, _PassEntries | _PassEmbedding] = {}
-    if entries_per_pass and n > 1:
+    if n > 1:
         for layer, e in zip(layers, inputs, strict=True):
             if isinstance(layer.module, nn.Embedding):
                 formed[layer.name] = _PassEmbedding(layer, saved[layer.name], n, e)
@@ -338,8 +332,6 @@ def layer_signals(
                 g = _keep_units(layer, g)
                 if n == 1:  # one objective: a view, not a copy
                     stacked[layer.name] = g.unsqueeze(0)
-                elif layer.name in kept:
-                    kept[layer.name].append(g)
                 else:
                     if i == 0:
                         stacked[layer.name] = _held_buffer(layer, n, g, buffers)
@@ -349,7 +341,6 @@ def layer_signals(
         for h in handles:
             h.remove()
     signals = {name: v.transpose(0, 1) for name, v in stacked.items()}
-    signals.update({name: tuple(v) for name, v in kept.items() if v})
     signals.update({name: FormedEntries(entries.entries) for name, entries in formed.items()})
     return out.detach(), signals, saved
 
@@ -966,23 +957,17 @@ def _embedding_pairs(layer: SignalLayer, tokens: torch.Tensor, n_cols: int, dtyp
     return read, write, factor
 
 
-def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: Signals) -> dict[str, torch.Tensor]:
+def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Embedding y_t = W[i_t]: d W[v, j] = sum over tokens t with i_t = v of g_t[j] (times the token factors).
     Each token whose row v holds wanted entries adds its signal's wanted columns to those entries: one gather
     and one scatter-add over the (token, wanted entry of its row) pairs (:func:`_embedding_pairs`), nothing per
-    vocabulary row. ``g``: the signals (B, C, *out), or a tuple of C tensors (B, *out), one per objective (see
-    :func:`layer_signals`)."""
-    b = idx.shape[0]
-    c = len(g) if isinstance(g, tuple) else g.shape[1]
+    vocabulary row. ``g``: the signals (B, C, *out)."""
+    b, c = g.shape[:2]
     k = len(layer.weight)
-    first = g[0] if isinstance(g, tuple) else g
-    read, write, factor = _embedding_pairs(layer, idx.reshape(b, -1), first.shape[-1], first.dtype)
-    if isinstance(g, tuple):  # one gather per objective's signals
-        values = torch.stack([gc.reshape(-1).index_select(0, read) for gc in g])  # (C, pairs)
-    else:
-        # from the objective-major layout (C, B * T * columns), as the vectorised backward leaves the signals:
-        # one contiguous gather per objective, not an advanced index with a slice in the middle
-        values = g.reshape(b, c, -1).transpose(0, 1).reshape(c, -1).index_select(1, read)
+    read, write, factor = _embedding_pairs(layer, idx.reshape(b, -1), g.shape[-1], g.dtype)
+    # from the objective-major layout (C, B * T * columns), as the vectorised backward leaves the signals: one
+    # contiguous gather per objective, not an advanced index with a slice in the middle
+    values = g.reshape(b, c, -1).transpose(0, 1).reshape(c, -1).index_select(1, read)
     if factor is not None:
         values = values * factor
     out = values.new_zeros(c, b * k).index_add_(1, write, values)
@@ -1006,11 +991,9 @@ class _PassEmbedding:
         self.out[i].index_add_(0, self.write, values if self.factor is None else values * self.factor)
 
 
-def _embedding_squared_norms(layer: SignalLayer, idx: torch.Tensor, g: Signals) -> dict[str, torch.Tensor]:
+def _embedding_squared_norms(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """||d W||^2 = sum over distinct tokens v of a sample of ||sum_{t: i_t = v} g_t||^2: the signals summed per
     (sample, token) pair (at most B x T rows, never the V x D gradient), squared, summed per sample."""
-    if isinstance(g, tuple):  # per-objective signals (see layer_signals)
-        g = torch.stack(g, dim=1)
     m = layer.module
     b, c = g.shape[:2]
     tokens = idx.reshape(b, -1)
@@ -1040,8 +1023,8 @@ def per_sample_block(layer: SignalLayer) -> int:
 def layer_entries(layer: SignalLayer, a: torch.Tensor, g: Signals) -> dict[str, torch.Tensor]:
     """Wanted entries (B, C, k) of d objective / d weight and d bias, from the layer's input ``a`` (B, *in)
     and the signals ``g`` = d objective_c / d output (B, C, *out), C objectives, holding only the layer's
-    ``units`` if it has them (as :func:`layer_signals` gives them: for an Embedding, possibly a tuple of C
-    tensors (B, *out)), or the entries themselves (:class:`FormedEntries`, returned as they are)."""
+    ``units`` if it has them (as :func:`layer_signals` gives them), or the entries themselves
+    (:class:`FormedEntries`, returned as they are)."""
     if isinstance(g, FormedEntries):
         return g.entries
     m = layer.module
