@@ -374,9 +374,8 @@ def _per_pass_plan(layer: SignalLayer, out_shape: tuple[int, ...]) -> PerPassPla
     batched product of that block (B x units x positions x columns multiply-adds, at matrix-product speed, on
     signals still in the cache) and no copy of them (but of the kept units' when there are fewer); the row-wise
     products on copied signals do fewer multiply-adds but run several times slower per multiply-add on tensors
-    C times bigger. Measured on the token models of ``benchmarks/bench_layer_signals.py`` (5% masks, C = 10, one
-    thread): the whole Fisher embedding 14-20% faster; at a 1% mask (block about 21x the row-wise products) the
-    two ways cost the same."""
+    C times bigger (the token models of ``benchmarks/bench_layer_signals.py``, whose 5% masks are well inside
+    the ratio, came up from 0.39-0.47 and 0.39-0.42 of their ceilings to 0.43-0.49)."""
     m = layer.module
     if not isinstance(m, nn.Linear) or len(out_shape) < 3:
         return None
