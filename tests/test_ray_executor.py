@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from click.testing import CliRunner
 from activelab.cli import main
 from activelab.experiment.executors import SHARED_DIRECTORY_HELP, Job, RayExecutor, execute_job
 from activelab.experiment.runner import load_experiment, run_experiment
-from tests.test_runner import TINY, _rounds_done, snapshot, write_config
+from tests.test_runner import TINY, _rounds_done, read_store, snapshot, write_config
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install 'activelab[ray]')"
@@ -87,11 +86,7 @@ def _job_worker_pids() -> list[int]:
 
 
 def _rounds_by_strategy(exp: Path) -> dict[str, int]:
-    try:
-        with sqlite3.connect(exp / "results.sqlite", timeout=30) as c:
-            return dict(c.execute("SELECT strategy, COUNT(*) FROM rounds GROUP BY strategy").fetchall())
-    except sqlite3.OperationalError:
-        return {}
+    return dict(read_store(exp, "SELECT strategy, COUNT(*) FROM rounds GROUP BY strategy"))
 
 
 def _kill_a_worker_after(exp: Path, rounds: int, deadline_s: float = 60) -> int:

@@ -171,12 +171,23 @@ def test_failed_run_is_reported_not_zero(tmp_path):
     assert "run 0 FAILED: RuntimeError: deliberate failure" in text and "missing" in text
 
 
-def _rounds_done(exp_dir: Path) -> int:
+def read_store(exp_dir: Path, sql: str) -> list[tuple]:
+    """Rows of ``sql`` on an experiment's store as it is now, opened read-only: a run may be creating the file
+    at this moment, and a plain connect would make an empty file that the run then refuses as damaged. No rows
+    while the store or its tables do not exist yet."""
+    path = exp_dir / "results.sqlite"
+    if not path.exists():
+        return []
     try:
-        with sqlite3.connect(exp_dir / "results.sqlite", timeout=30) as c:
-            return c.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30) as c:
+            return c.execute(sql).fetchall()
     except sqlite3.OperationalError:
-        return 0
+        return []
+
+
+def _rounds_done(exp_dir: Path) -> int:
+    rows = read_store(exp_dir, "SELECT COUNT(*) FROM rounds")
+    return rows[0][0] if rows else 0
 
 
 # Kills at random moments of a --workers 2 experiment, with the resume compared with an uninterrupted run:
