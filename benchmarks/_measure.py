@@ -73,6 +73,20 @@ def backward_to_outputs(model, x, modules, objectives) -> list:
     return [t.detach() for t in targets]
 
 
+def backward_to_params(model, x, params, objectives) -> list:
+    """One forward pass of ``x``, then one ordinary backward pass per scalar of ``objectives(output)`` w.r.t.
+    ``params`` (the batch's summed gradients of those tensors, as a training step computes them): the
+    "batched forward + backward pass" that a per-sample method is compared with. Returns the objectives,
+    detached."""
+    import torch
+
+    with torch.enable_grad():
+        targets = list(objectives(model(x)))
+    for i, t in enumerate(targets):
+        torch.autograd.grad(t, params, retain_graph=i < len(targets) - 1, allow_unused=True)
+    return [t.detach() for t in targets]
+
+
 def write_results(text: str, out: str | Path) -> None:
     """Print a result table and save it to ``out``."""
     print(text)

@@ -12,7 +12,9 @@ jobs share the CPU), all methods interleaved in one process and the whole set re
   (``entropy_gradient_norms_loop``, on ``--loop-n`` samples, scaled) and the floor: one forward and one
   backward pass per chunk of the summed entropy to the layers' outputs, nothing else;
 - Fisher embeddings (``masked_fisher_embeddings``, layer signals) on a mask of the whole classifier weight and
-  a random ``--mask-pct`` of every other tensor, vs the per-sample loop (one forward and C backward passes per
+  a random ``--mask-pct`` of every other tensor (or, with ``--mask fisher``, the mask FisherMask itself builds:
+  the whole classifier weight and the largest entries of the diagonal Fisher of 256 pool samples, ``--mask-pct``
+  of all parameters in all), vs the per-sample loop (one forward and C backward passes per
   sample, on ``--loop-n`` samples, scaled) and the floor: one forward and C backward passes per chunk to the
   masked layers' outputs, as the issue defines it (the signal method runs C - 1 of them before its closed
   forms: sum_c p_c d log p_c = 0 gives each sample's most probable class from the others).
@@ -22,7 +24,12 @@ automatic choices take (``--chunk``, ``--fisher-chunk``; each floor runs at its 
 
 ``ceiling`` = loop / floor: what an exact batched method built on backpropagation can reach at best;
 ``share`` = (loop / batched) / ceiling = floor / batched, the share of the ceiling the method reaches
-(target: >= 0.5). Every table cell is the median of the repeats with the range (min-max) beside it.
+(target: >= 0.5). The floor stops at the layers' outputs, so it leaves out the parameters' gradients that a
+batched backward pass also computes (a Linear's weight gradient costs about what its input gradient does);
+``step`` is that ordinary batched forward + backward pass (the same objectives, gradients w.r.t. every
+parameter for the norms and w.r.t. the masked tensors for Fisher, summed over the batch), and ``share of
+step`` = step / batched the share of the ceiling loop / step. Every table cell is the median of the repeats
+with the range (min-max) beside it.
 """
 
 from __future__ import annotations
@@ -34,12 +41,12 @@ import time
 
 import numpy as np
 import torch
-from _measure import backward_to_outputs, clock, write_results
+from _measure import backward_to_outputs, backward_to_params, clock, write_results
 from bench_fisher_embeddings import loop_embeddings
 from torch import nn
 
 from activelab.data.arrays import ArrayDataset, iter_batches
-from activelab.inference.fisher import FisherMask, masked_fisher_embeddings
+from activelab.inference.fisher import FisherMask, diagonal_fisher, fisher_mask, masked_fisher_embeddings
 from activelab.inference.forward import forward_pass
 from activelab.inference.gradients import entropy, entropy_gradient_norms, entropy_gradient_norms_loop
 from activelab.inference.signals import plan_signal_layers
@@ -179,6 +186,11 @@ def random_mask(model: nn.Module, pct: float, seed: int = 0) -> FisherMask:
     return FisherMask(tuple(names), tuple(indices), "fc.weight", False)
 
 
+def fishers_mask(model: nn.Module, data, pct: float) -> FisherMask:
+    """The mask FisherMask builds (:func:`fisher_mask` on the diagonal Fisher of the first 256 samples)."""
+    return fisher_mask(diagonal_fisher(model, data, np.arange(256)), "fc.weight", pct)
+
+
 def signal_modules(model: nn.Module, data, names) -> list[nn.Module]:
     """The modules the signal method differentiates at (checked: nothing goes to the fallback)."""
     params = dict(model.named_parameters())
@@ -187,6 +199,13 @@ def signal_modules(model: nn.Module, data, names) -> list[nn.Module]:
     if fallback:
         raise SystemExit(f"not covered by the signal method: {fallback}")
     return [layer.module for layer in layers]
+
+
+def step(model, data, idx, names, chunk, objectives) -> None:
+    """The batched forward and backward passes with the parameters' gradients (of the tensors ``names``)."""
+    params = [p for n, p in model.named_parameters() if n in set(names)]
+    for x, _ in iter_batches(data, idx, chunk):
+        backward_to_params(model, x, params, objectives)
 
 
 def floor(model, data, idx, modules, chunk, objectives) -> None:
@@ -203,8 +222,9 @@ def floor(model, data, idx, modules, chunk, objectives) -> None:
 def measure(kind: str, args) -> dict[str, list[float]]:
     model, data = build(kind), pool(args.n)
     idx, loop_idx = np.arange(args.n), np.arange(args.loop_n)
-    mask = random_mask(model, args.mask_pct)
-    all_modules = signal_modules(model, data, [n for n, _ in model.named_parameters()])
+    mask = random_mask(model, args.mask_pct) if args.mask == "random" else fishers_mask(model, data, args.mask_pct)
+    all_names = [n for n, _ in model.named_parameters()]
+    all_modules = signal_modules(model, data, all_names)
     mask_modules = signal_modules(model, data, mask.names)
     scale = args.n / args.loop_n
 
@@ -218,9 +238,11 @@ def measure(kind: str, args) -> dict[str, list[float]]:
         "fwd": lambda: forward_pass(model, data, idx, 512),
         "norm_batched": lambda: entropy_gradient_norms(model, data, idx, chunk_size=args.chunk),
         "norm_floor": lambda: floor(model, data, idx, all_modules, args.chunk, entropy_sum),
+        "norm_step": lambda: step(model, data, idx, all_names, args.chunk, entropy_sum),
         "norm_loop": lambda: entropy_gradient_norms_loop(model, data, loop_idx),
         "fisher_batched": lambda: masked_fisher_embeddings(model, data, idx, mask, chunk_size=args.fisher_chunk),
         "fisher_floor": lambda: floor(model, data, idx, mask_modules, args.fisher_chunk, class_sums),
+        "fisher_step": lambda: step(model, data, idx, mask.names, args.fisher_chunk, class_sums),
         "fisher_loop": lambda: loop_embeddings(model, data, loop_idx, mask),
     }
     for job in jobs.values():  # warm-up
@@ -254,25 +276,33 @@ def main() -> None:
     parser.add_argument("--loop-n", type=int, default=128, help="samples the loops run on (scaled to --n)")
     parser.add_argument("--chunk", type=int, default=256, help="chunk of the gradient norms and their floor")
     parser.add_argument("--fisher-chunk", type=int, default=32, help="chunk of the Fisher embeddings and floor")
-    parser.add_argument("--mask-pct", type=float, default=0.05, help="share of each non-classifier tensor masked")
+    parser.add_argument("--mask", choices=("random", "fisher"), default="random", help="which Fisher mask")
+    parser.add_argument(
+        "--mask-pct", type=float, default=0.05, help="random: share of each non-classifier tensor; fisher: pct"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/bench_layer_signals.txt")
     args = parser.parse_args()
     torch.set_num_threads(1)
     load = os.getloadavg()
+    mask_text = (
+        f"classifier weight + {args.mask_pct:.0%} of every other tensor"
+        if args.mask == "random"
+        else f"FisherMask's (whole classifier weight + top diagonal Fisher entries), K = {args.mask_pct:.0%} of P"
+    )
     lines = [
         f"# OMP_NUM_THREADS=1 python benchmarks/bench_layer_signals.py {' '.join(sys.argv[1:])}".rstrip(),
         f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start {load[0]:.2f} {load[1]:.2f} "
         f"{load[2]:.2f} on {os.cpu_count()} cores shared with other jobs; 1 torch thread, CPU seconds",
         f"# n = {args.n} (loops on {args.loop_n}, scaled), chunk {args.chunk} (Fisher {args.fisher_chunk}), "
-        f"Fisher mask: classifier weight + {args.mask_pct:.0%} of every other tensor, C = 10; "
-        f"median (min-max) of {args.repeats} repeats",
+        f"Fisher mask: {mask_text}, C = 10; median (min-max) of {args.repeats} repeats",
         "# ratios: x fwd = seconds / one forward pass; speedup = loop / batched; ceiling = loop / floor; "
-        "share = floor / batched (target >= 0.5)",
+        "share = floor / batched (target >= 0.5); step: the batched forward + backward passes with the "
+        "parameters' gradients (share of step = step / batched)",
     ]
     header = (
         f"{'layer kind':<15}{'params':>7} {'what':<7}{'batched x fwd':>21}{'floor x fwd':>21}{'loop x fwd':>23}"
-        f"{'speedup':>21}{'ceiling':>21}{'share':>21}{'max rel err':>12}"
+        f"{'speedup':>21}{'ceiling':>21}{'share':>21}{'step x fwd':>21}{'share of step':>21}{'max rel err':>12}"
     )
     lines += [header, "-" * len(header)]
     print("\n".join(lines), flush=True)
@@ -280,11 +310,11 @@ def main() -> None:
         t = measure(kind, args)
         fwd = np.asarray(t["fwd"])
         for what in ("norm", "fisher"):
-            b, f, lp = (np.asarray(t[f"{what}_{s}"]) for s in ("batched", "floor", "loop"))
+            b, f, lp, st = (np.asarray(t[f"{what}_{s}"]) for s in ("batched", "floor", "loop", "step"))
             row = (
                 f"{kind:<15}{int(t['params'][0]):>7} {what:<7}{cell(b / fwd):>21}{cell(f / fwd):>21}"
                 f"{cell(lp / fwd):>23}{cell(lp / b):>21}{cell(lp / f):>21}{cell(f / b):>21}"
-                f"{t[f'{what}_err'][0]:>12.1e}"
+                f"{cell(st / fwd):>21}{cell(st / b):>21}{t[f'{what}_err'][0]:>12.1e}"
             )
             lines.append(row)
             print(row, flush=True)

@@ -402,6 +402,40 @@ def test_fisher_embeddings_take_one_backward_pass_fewer_than_classes(vectorise, 
     assert all(np.abs(got[i, top[i]]).max() > 1e-3 * scale for i in range(len(idx)))
 
 
+@pytest.mark.parametrize("path", ["products", "pairs"])
+@pytest.mark.parametrize("vectorise", [True, False], ids=["vectorised", "one class at a time"])
+@pytest.mark.parametrize("kind", ["tokens", "tokens_freq"])
+def test_embedding_entries_by_one_hot_products_or_token_pairs_equal_the_loop(kind, vectorise, path, monkeypatch):
+    """An Embedding's entries by one-hot products (forced: every multiply-add allowed) and by the gather and
+    scatter over token pairs (forced: none allowed), with padding_idx 0 among the tokens and with the
+    within-sample frequency scaling, on a dense mask of a few rows (the padding row among them) and a sparse
+    one: both equal the loop in float64, in the vectorised pass and pass by pass."""
+    import activelab.inference.fisher as fisher
+    import activelab.inference.signals as signals
+
+    model, pool = _model(kind, torch.float64), _pool(kind, 5, torch.float64)
+    idx = np.array([4, 1, 3, 0, 2])
+    monkeypatch.setattr(fisher, "_vectorise_classes", lambda model, signal_bytes: vectorise)
+    monkeypatch.setattr(signals, "_EMBEDDING_BLOCK_MACS", 10**12 if path == "products" else 0)
+    taken = []
+    real = signals._embedding_block
+    monkeypatch.setattr(signals, "_embedding_block", lambda *a: taken.append(b := real(*a)) or b)
+    grads, _ = _loop_log_prob_grads(model, pool, idx)
+    vocab = model.emb.num_embeddings
+    dense = torch.tensor([r * 6 + c for r in (0, 2, 3, vocab - 1) for c in range(6)])
+    sparse = torch.tensor([1, 6 * 2 + 5, 6 * 5 + 2, 6 * 7])
+    for emb_idx in (dense, sparse):
+        indices = {"emb.weight": emb_idx, "fc.weight": torch.arange(32)}
+        mask = FisherMask(tuple(indices), tuple(indices.values()), "fc.weight", False)
+        taken.clear()
+        got = torch.cat([v for v, _ in _iter_signal_embeddings(model, pool, idx, mask, 2)]).numpy()
+        products = sum(b is not None for b in taken)  # a chunk without a token in a wanted row takes no products
+        assert len(taken) == 3 and (products >= (3 if emb_idx is dense else 1) if path == "products" else not products)
+        expected = torch.cat([grads[n][:, :, i] for n, i in indices.items()], dim=2).numpy()
+        assert np.abs(expected[:, :, : len(emb_idx)]).max() > 0
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
 class PositionNet(nn.Module):
     """Pixel tokens plus a position embedding (the same tokens 0..T-1 in every chunk), a Linear per token."""
 

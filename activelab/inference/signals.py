@@ -956,14 +956,65 @@ def _embedding_pairs(layer: SignalLayer, tokens: torch.Tensor, n_cols: int, dtyp
     return read, write, factor
 
 
+#: An Embedding forms its wanted entries by one-hot products (:func:`_embedding_block`) rather than by a gather
+#: and a scatter-add per (token, wanted entry of its row) pair while the products cost at most this many
+#: multiply-adds per pair (per pass: about 0.03 ns per multiply-add in a batched matrix product on this
+#: project's CPU, against about 1.3 ns per pair gathered and scattered plus about 30 ns per pair to find the
+#: pairs of each chunk; ``benchmarks/bench_layer_signals.py --mask fisher``, whose dense masks on a small
+#: vocabulary take the products, and its random 5% masks, which take the pairs).
+_EMBEDDING_BLOCK_MACS = 100
+
+
+def _embedding_block(
+    layer: SignalLayer, tokens: torch.Tensor, n_cols: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An Embedding's wanted entries as products: d W[v, :] = sum_t [i_t = v] factor_t g_t for the vocabulary
+    rows v that hold wanted entries, one batched matrix product per objective of the one-hot (B, rows, T)
+    matrix of ``tokens`` (B, T), times the token factors, by the signals (B, T, ``n_cols``), then a gather of the
+    wanted places. Returns (that one-hot matrix, the wanted places in the flattened (rows x n_cols) products),
+    or None where the per-pair gather and scatter costs less: the products do B x T x rows x n_cols
+    multiply-adds, the pairs number the wanted entries of each token's row summed over the tokens
+    (``_EMBEDDING_BLOCK_MACS``)."""
+    m = layer.module
+
+    def make() -> tuple[torch.Tensor, ...]:
+        rows, row_pos = torch.unique(layer.weight // m.embedding_dim, return_inverse=True)
+        per_row = torch.zeros(m.num_embeddings, dtype=torch.int64, device=rows.device)
+        per_row.index_add_(0, rows[row_pos], torch.ones_like(row_pos))
+        if m.padding_idx is not None:  # that row's gradient is zero: no pairs
+            per_row[m.padding_idx] = 0
+        return rows, per_row, row_pos * n_cols + layer.unit_positions(layer.weight % m.embedding_dim)
+
+    rows, per_row, flat = _cached(layer, ("embedding block", n_cols), make)
+    pairs = int(per_row[tokens].sum())
+    if tokens.numel() * len(rows) * n_cols > _EMBEDDING_BLOCK_MACS * pairs:
+        return None
+    one_hot = (tokens.unsqueeze(1) == rows.view(1, -1, 1)).to(dtype)  # (B, rows, T)
+    factors = _token_weights(m, tokens, dtype)
+    if factors is not None:
+        one_hot *= factors.unsqueeze(1)
+    return one_hot, flat
+
+
 def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Embedding y_t = W[i_t]: d W[v, j] = sum over tokens t with i_t = v of g_t[j] (times the token factors).
-    Each token whose row v holds wanted entries adds its signal's wanted columns to those entries: one gather
+    Either one-hot products per objective (:func:`_embedding_block`, when their multiply-adds are few enough),
+    or each token whose row v holds wanted entries adds its signal's wanted columns to those entries: one gather
     and one scatter-add over the (token, wanted entry of its row) pairs (:func:`_embedding_pairs`), nothing per
     vocabulary row. ``g``: the signals (B, C, *out)."""
     b, c = g.shape[:2]
     k = len(layer.weight)
-    read, write, factor = _embedding_pairs(layer, idx.reshape(b, -1), g.shape[-1], g.dtype)
+    tokens = idx.reshape(b, -1)
+    block = _embedding_block(layer, tokens, g.shape[-1], g.dtype)
+    if block is not None:
+        one_hot, flat = block
+        g4 = g.reshape(b, c, tokens.shape[1], g.shape[-1])  # a view of the objective-major signals
+        out = g.new_empty(c, b, k)
+        for i in range(c):
+            prod = torch.bmm(one_hot, g4[:, i])  # (B, rows, columns)
+            torch.index_select(prod.reshape(b, -1), 1, flat, out=out[i])
+        return {"weight": out.transpose(0, 1)}
+    read, write, factor = _embedding_pairs(layer, tokens, g.shape[-1], g.dtype)
     # from the objective-major layout (C, B * T * columns), as the vectorised backward leaves the signals: one
     # contiguous gather per objective, not an advanced index with a slice in the middle
     values = g.reshape(b, c, -1).transpose(0, 1).reshape(c, -1).index_select(1, read)
@@ -974,19 +1025,29 @@ def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -
 
 
 class _PassEmbedding:
-    """An Embedding's wanted entries (B, C, k), filled in pass by pass: each pass's signals gathered at the token
-    pairs (:func:`_embedding_pairs`) while in the cache, nothing of them kept for later."""
+    """An Embedding's wanted entries (B, C, k), filled in pass by pass from each pass's signals while in the
+    cache, nothing of them kept for later: by one-hot products (:func:`_embedding_block`) or gathered at the
+    token pairs (:func:`_embedding_pairs`)."""
 
     def __init__(self, layer: SignalLayer, idx: torch.Tensor, n: int, like: torch.Tensor) -> None:
         b, k = idx.shape[0], len(layer.weight)
         n_cols = like.shape[-1] if layer.units is None else len(layer.units)
-        self.layer = layer
-        self.read, self.write, self.factor = _embedding_pairs(layer, idx.reshape(b, -1), n_cols, like.dtype)
-        self.out = like.new_zeros(n, b * k)
+        tokens = idx.reshape(b, -1)
+        self.layer, self.b, self.k = layer, b, k
+        self.block = _embedding_block(layer, tokens, n_cols, like.dtype)
+        if self.block is None:
+            self.read, self.write, self.factor = _embedding_pairs(layer, tokens, n_cols, like.dtype)
+        self.out = like.new_zeros(n, b * k)  # an objective that does not reach the layer leaves its entries zero
         self.entries = {"weight": self.out.view(n, b, k).transpose(0, 1)}
 
     def take(self, i: int, g: torch.Tensor) -> None:
-        values = _keep_units(self.layer, g).reshape(-1).index_select(0, self.read)
+        g = _keep_units(self.layer, g)
+        if self.block is not None:
+            one_hot, flat = self.block
+            prod = torch.bmm(one_hot, g.reshape(self.b, -1, g.shape[-1]))  # (B, rows, columns)
+            torch.index_select(prod.reshape(self.b, -1), 1, flat, out=self.out[i].view(self.b, self.k))
+            return
+        values = g.reshape(-1).index_select(0, self.read)
         self.out[i].index_add_(0, self.write, values if self.factor is None else values * self.factor)
 
 
