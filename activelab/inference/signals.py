@@ -958,10 +958,9 @@ def _embedding_pairs(layer: SignalLayer, tokens: torch.Tensor, n_cols: int, dtyp
 
 #: An Embedding forms its wanted entries by one-hot products (:func:`_embedding_block`) rather than by a gather
 #: and a scatter-add per (token, wanted entry of its row) pair while the products cost at most this many
-#: multiply-adds per pair (per pass: about 0.03 ns per multiply-add in a batched matrix product on this
-#: project's CPU, against about 1.3 ns per pair gathered and scattered plus about 30 ns per pair to find the
-#: pairs of each chunk; ``benchmarks/bench_layer_signals.py --mask fisher``, whose dense masks on a small
-#: vocabulary take the products, and its random 5% masks, which take the pairs).
+#: multiply-adds per pair: a multiply-add in a batched matrix product costs a small fraction of a pair's gather
+#: and scatter, and finding each chunk's pairs costs more than both (``benchmarks/bench_layer_signals.py
+#: --mask fisher``: dense masks on a small vocabulary take the products; its random 5% masks take the pairs).
 _EMBEDDING_BLOCK_MACS = 100
 
 
@@ -978,9 +977,9 @@ def _embedding_block(
     m = layer.module
 
     def make() -> tuple[torch.Tensor, ...]:
-        rows, row_pos = torch.unique(layer.weight // m.embedding_dim, return_inverse=True)
-        per_row = torch.zeros(m.num_embeddings, dtype=torch.int64, device=rows.device)
-        per_row.index_add_(0, rows[row_pos], torch.ones_like(row_pos))
+        vocab_rows = layer.weight // m.embedding_dim
+        rows, row_pos = torch.unique(vocab_rows, return_inverse=True)
+        per_row = torch.bincount(vocab_rows, minlength=m.num_embeddings)  # wanted entries per vocabulary row
         if m.padding_idx is not None:  # that row's gradient is zero: no pairs
             per_row[m.padding_idx] = 0
         return rows, per_row, row_pos * n_cols + layer.unit_positions(layer.weight % m.embedding_dim)
@@ -996,6 +995,14 @@ def _embedding_block(
     return one_hot, flat
 
 
+def _embedding_products(block: tuple[torch.Tensor, torch.Tensor], g: torch.Tensor, out: torch.Tensor) -> None:
+    """One objective's entries from :func:`_embedding_block`'s one-hot matrix: its product with the signals ``g``
+    (B, T, columns), the wanted places gathered into ``out`` (B, k)."""
+    one_hot, flat = block
+    prod = torch.bmm(one_hot, g)  # (B, rows, columns)
+    torch.index_select(prod.reshape(prod.shape[0], -1), 1, flat, out=out)
+
+
 def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Embedding y_t = W[i_t]: d W[v, j] = sum over tokens t with i_t = v of g_t[j] (times the token factors).
     Either one-hot products per objective (:func:`_embedding_block`, when their multiply-adds are few enough),
@@ -1007,12 +1014,10 @@ def _embedding_entries(layer: SignalLayer, idx: torch.Tensor, g: torch.Tensor) -
     tokens = idx.reshape(b, -1)
     block = _embedding_block(layer, tokens, g.shape[-1], g.dtype)
     if block is not None:
-        one_hot, flat = block
         g4 = g.reshape(b, c, tokens.shape[1], g.shape[-1])  # a view of the objective-major signals
         out = g.new_empty(c, b, k)
         for i in range(c):
-            prod = torch.bmm(one_hot, g4[:, i])  # (B, rows, columns)
-            torch.index_select(prod.reshape(b, -1), 1, flat, out=out[i])
+            _embedding_products(block, g4[:, i], out[i])
         return {"weight": out.transpose(0, 1)}
     read, write, factor = _embedding_pairs(layer, tokens, g.shape[-1], g.dtype)
     # from the objective-major layout (C, B * T * columns), as the vectorised backward leaves the signals: one
@@ -1043,9 +1048,7 @@ class _PassEmbedding:
     def take(self, i: int, g: torch.Tensor) -> None:
         g = _keep_units(self.layer, g)
         if self.block is not None:
-            one_hot, flat = self.block
-            prod = torch.bmm(one_hot, g.reshape(self.b, -1, g.shape[-1]))  # (B, rows, columns)
-            torch.index_select(prod.reshape(self.b, -1), 1, flat, out=self.out[i].view(self.b, self.k))
+            _embedding_products(self.block, g.reshape(self.b, -1, g.shape[-1]), self.out[i].view(self.b, self.k))
             return
         values = g.reshape(-1).index_select(0, self.read)
         self.out[i].index_add_(0, self.write, values if self.factor is None else values * self.factor)
