@@ -326,3 +326,26 @@ def test_sub_batches_asked_during_the_selection_are_labeled_on_the_page(project,
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_stopping_the_server_ends_a_job_that_waits_for_labels_on_the_page(project, asking_strategy):
+    project.teach([b["id"] for b in project.batch()[:6]], project.classes * 2)
+    project.fit()
+    rounds = len(project.store.rounds())
+    server, thread, url = _start_thread_server(project.folder)
+    job = server.config.app.state.job
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            c.post("/api/train", json={"strategy": asking_strategy, "budget": 4, "train": False}).raise_for_status()
+            deadline = time.time() + 30
+            while c.get("/api/state").json()["job"]["state"] != "asking" and time.time() < deadline:
+                time.sleep(0.1)
+        assert job.snapshot()["state"] == "asking" and job.running()
+    finally:
+        server.should_exit = True
+        thread.join(20)
+    assert not thread.is_alive()
+    # the waiting strategy gave up when the server stopped: its thread is gone, nothing half-recorded
+    assert not job.running()
+    assert job.snapshot()["state"] == "error" and "server stopped" in job.snapshot()["message"]
+    assert len(project.store.rounds()) == rounds

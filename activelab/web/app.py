@@ -13,11 +13,13 @@ loopback interface requests whose ``Host`` is not a loopback name are refused (D
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import threading
 import time
 import traceback
+from contextlib import asynccontextmanager
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,17 @@ class Job:
             traceback.print_exc()
             self.update(state="error", message=f"{type(exc).__name__}: {exc}", finished=time.time())
 
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """Ask a running job to stop and wait up to ``timeout`` seconds for it; True when none is left. A
+        strategy waiting for labels on the page gives up at once (the round is not recorded); a training does
+        not look at the request and, if it outlasts ``timeout``, ends with the process (its model file is
+        written atomically, so nothing recorded is lost)."""
+        self.stop.set()
+        thread = self.thread
+        if thread is not None:
+            thread.join(timeout)
+        return not self.running()
+
     def update(self, **values: Any) -> None:
         with self.lock:
             self.state = {**self.state, **values}
@@ -154,9 +167,16 @@ def create_app(project: Project | str | Path, token: str | None = None, loopback
     requests whose Host header is not a loopback name (set when the server listens on 127.0.0.1)."""
     if not isinstance(project, Project):
         project = Project(project)
-    app = FastAPI(title="activelab labeling", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.project = project
     job = Job()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        # the server is stopping: end a job that waits on the page, in a worker thread (the join blocks)
+        await asyncio.to_thread(job.shutdown)
+
+    app = FastAPI(title="activelab labeling", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.project = project
     app.state.job = job
 
     app.add_middleware(Guard, token=token, loopback_only=loopback_only)

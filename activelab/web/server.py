@@ -48,7 +48,7 @@ def make_server(project_dir: str | os.PathLike, host: str = "127.0.0.1", port: i
 
     token = bind_token(host, token)
     app = create_app(Path(project_dir), token=token, loopback_only=is_loopback(host))
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     return uvicorn.Server(config), url
